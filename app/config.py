@@ -1,0 +1,286 @@
+"""The relay's one `Settings` class: every knob, from the environment (and an optional TOML file).
+
+Variables use the prefix ``RELAY_`` and ``__`` for nesting (``RELAY_UPSTREAM__URL`` sets
+``upstream.url``); dict and list fields take JSON. The upstream key is read from ``OPENAI_API_KEY``.
+``RELAY_CONFIG_FILE`` names a TOML file read under the environment (the environment wins).
+Only this module reads the environment; everything else receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_INSTRUCTIONS = (
+    "You are a helpful, concise voice assistant. Answer in short spoken sentences."
+)
+
+# Session fields a client may change unless its tier says otherwise: how it hears and is heard,
+# never what the model is told or may call (REALTIME.md §5 for the paths).
+DEFAULT_CLIENT_MAY_SET = (
+    "audio.output.voice",
+    "audio.output.speed",
+    "audio.input.turn_detection",
+    "audio.input.transcription",
+    "audio.input.noise_reduction",
+    "output_modalities",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamKind(StrEnum):
+    """How the upstream wants to be addressed and authenticated."""
+
+    OPENAI = "openai"  # Authorization: Bearer <key>, ?model=<model>
+    AZURE = "azure"  # api-key: <key>, /openai/v1/realtime?model=<deployment>
+
+
+class UpstreamSettings(_Section):
+    """Where the relay connects, and how the upstream leg of each session behaves."""
+
+    url: str = "wss://api.openai.com/v1/realtime"
+    kind: UpstreamKind = UpstreamKind.OPENAI
+    # Azure addresses deployments, not models: model name -> deployment name (default: same name).
+    deployments: dict[str, str] = {}
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    # Server events can exceed 1 MiB (conversation.item.retrieved carries audio), REALTIME.md §1.1.
+    max_message_bytes: int = Field(64 * 2**20, ge=2**20)
+    ping_interval_seconds: float | None = Field(20.0, gt=0)
+    ping_timeout_seconds: float | None = Field(20.0, gt=0)
+    close_timeout_seconds: float = Field(5.0, gt=0)
+    # Upstream frames read ahead of the client; a slow client pushes back on the upstream past it.
+    max_queue: int = Field(16, ge=1)
+    # permessage-deflate buys ~25% on base64 audio at a large CPU cost; off unless asked for.
+    compression: bool = False
+    # True when the upstream is the bundled local echo server (the no-key demo); the page says so.
+    demo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _websocket_url(cls, value: str) -> str:
+        if not value.startswith(("ws://", "wss://")):
+            raise ValueError("must be a ws:// or wss:// URL")
+        return value
+
+
+class SessionSettings(_Section):
+    """The session the server injects into every upstream connection (GA field names)."""
+
+    model: str = "gpt-realtime-mini"
+    instructions: str = DEFAULT_INSTRUCTIONS
+    voice: str = "marin"
+    tools: list[dict[str, Any]] = []
+    tool_choice: str | dict[str, Any] = "auto"
+    output_modalities: list[Literal["audio", "text"]] = ["audio"]
+    # None turns server VAD off (push-to-talk); REALTIME.md §5 for the fields.
+    turn_detection: dict[str, Any] | None = {
+        "type": "server_vad",
+        "threshold": 0.5,
+        "prefix_padding_ms": 300,
+        "silence_duration_ms": 500,
+        "create_response": True,
+        "interrupt_response": True,
+    }
+    transcription: dict[str, Any] | None = {"model": "gpt-4o-mini-transcribe"}
+    noise_reduction: dict[str, Any] | None = None
+    max_output_tokens: int | Literal["inf"] = "inf"
+    # Any further GA session fields, merged last (e.g. {"truncation": "auto"}).
+    extra: dict[str, Any] = {}
+
+    @field_validator("tools")
+    @classmethod
+    def _function_tools(cls, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for tool in tools:
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                raise ValueError("each tool must be {'type': 'function', 'name': ..., ...}")
+        return tools
+
+
+class TierSettings(_Section):
+    """What one tier of clients may use: models, changeable fields and limits."""
+
+    # Allowed models; the first is the tier's default. Empty: the session's model only.
+    models: list[str] = []
+    # Session fields (dotted GA paths) a client may change; a path also covers what lies below it.
+    client_may_set: list[str] = list(DEFAULT_CLIENT_MAY_SET)
+    max_sessions: int | None = Field(None, ge=0)
+    max_sessions_per_client: int | None = Field(None, ge=0)
+    max_session_seconds: float | None = Field(None, gt=0)
+    idle_timeout_seconds: float | None = Field(None, gt=0)
+
+
+class JwtSettings(_Section):
+    """Client JWTs issued by an app's own login: HS256 with a secret, or RS256/ES256 with a key."""
+
+    secret: SecretStr | None = None  # HS256
+    public_key: str | None = None  # PEM, for RS256 / ES256
+    algorithms: list[Literal["HS256", "RS256", "ES256"]] = ["HS256"]
+    tier_claim: str = "tier"
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_seconds: float = Field(5.0, ge=0)
+
+
+class ModelPrice(_Section):
+    """USD per million tokens, by direction and kind (missing kinds cost nothing)."""
+
+    input_text: float = 0.0
+    input_audio: float = 0.0
+    input_image: float = 0.0
+    cached_text: float = 0.0
+    cached_audio: float = 0.0
+    cached_image: float = 0.0
+    output_text: float = 0.0
+    output_audio: float = 0.0
+
+
+def _price(*values: float) -> ModelPrice:
+    names = tuple(ModelPrice.model_fields)
+    return ModelPrice(**dict(zip(names, values, strict=True)))
+
+
+# OpenAI's published list prices (USD / 1M tokens): text, audio, image in; cached text, audio,
+# image; text, audio out. Override with RELAY_PRICES; models not listed are counted as unpriced.
+DEFAULT_PRICES: dict[str, ModelPrice] = {
+    "gpt-4o-realtime-preview": _price(5.0, 40.0, 0, 2.5, 2.5, 0, 20.0, 80.0),
+    "gpt-4o-mini-realtime-preview": _price(0.6, 10.0, 0, 0.3, 0.3, 0, 2.4, 20.0),
+    "gpt-realtime": _price(4.0, 32.0, 5.0, 0.4, 0.4, 0.5, 16.0, 64.0),
+    "gpt-realtime-mini": _price(0.6, 10.0, 0.8, 0.06, 0.3, 0.08, 2.4, 20.0),
+    "gpt-4o-transcribe": _price(2.5, 6.0, 0, 0, 0, 0, 10.0, 0),
+    "gpt-4o-mini-transcribe": _price(1.25, 3.0, 0, 0, 0, 0, 5.0, 0),
+}
+
+
+class Settings(BaseSettings):
+    """Every setting of the relay. Build once (`load_settings`) and pass down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    openai_api_key: SecretStr = Field(
+        validation_alias=AliasChoices("OPENAI_API_KEY", "openai_api_key"),
+        description="The server-held upstream key; never logged or sent to a client.",
+    )
+    upstream: UpstreamSettings = UpstreamSettings()
+    session: SessionSettings = SessionSettings()
+    tiers: dict[str, TierSettings] = {"default": TierSettings()}
+    # client key -> tier; a key may be given as "sha256:<hex>" of the key.
+    client_keys: dict[str, str] = {}
+    # Tier of clients that present no key (the bundled page by default); "" refuses them.
+    # Unset, it is "default" if that tier exists, else "".
+    anonymous_tier: str = "default"
+    # Largest client frame accepted; larger ones close the session with 1009.
+    # Limits (app/limits.py). No URL: an in-process limiter for a single instance.
+    redis_url: str | None = None
+    lease_ttl_seconds: float = Field(30.0, gt=1)
+    # Redis unreachable at admission: refuse the session (default) or admit it.
+    limits_fail_open: bool = False
+    # The upstream account's concurrent-session cap per model, shared by every tier.
+    model_limits: dict[str, int] = {}
+    # Client auth beyond static keys (app/auth.py).
+    jwt: JwtSettings = JwtSettings()
+    # Signs the relay's own short-lived `ek_` tokens; set the same value on every replica.
+    token_secret: SecretStr | None = None
+    token_ttl_seconds: int = Field(600, ge=10, le=7200)
+    # Browser origins allowed to open /ws ("*": any). The page's own origin is always allowed.
+    allowed_origins: list[str] = []
+    prices: dict[str, ModelPrice] = DEFAULT_PRICES
+    client_max_message_bytes: int = Field(16 * 2**20, ge=2**16)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # Uvicorn's wait for open sessions on shutdown before it runs the lifespan teardown.
+    graceful_shutdown_seconds: float = Field(30.0, ge=0)
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _anonymous_default(cls, data: Any) -> Any:
+        # Anonymous clients get the tier named "default" when there is one and nothing else is
+        # said; a configuration without such a tier refuses them rather than guess a tier.
+        if isinstance(data, dict) and "anonymous_tier" not in data:
+            tiers = data.get("tiers")
+            if isinstance(tiers, dict) and "default" not in tiers:
+                data = {**data, "anonymous_tier": ""}
+        return data
+
+    @model_validator(mode="after")
+    def _tiers_exist(self) -> Settings:
+        if not self.tiers:
+            raise ValueError("RELAY_TIERS: at least one tier is needed")
+        for key, tier in self.client_keys.items():
+            if tier not in self.tiers:
+                name = key.split(":", 1)[0] if key.startswith("sha256:") else "a key"
+                raise ValueError(f"RELAY_CLIENT_KEYS: {name} maps to unknown tier {tier!r}")
+        if self.anonymous_tier and self.anonymous_tier not in self.tiers:
+            raise ValueError(f"RELAY_ANONYMOUS_TIER: unknown tier {self.anonymous_tier!r}")
+        if self.upstream.kind is UpstreamKind.AZURE and "api-version" in self.upstream.url:
+            raise ValueError("RELAY_UPSTREAM__URL: the Azure GA endpoint takes no api-version")
+        return self
+
+    def tier_models(self, tier: str) -> list[str]:
+        """The models `tier` may use, its default first."""
+        return self.tiers[tier].models or [self.session.model]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        config_file = os.environ.get("RELAY_CONFIG_FILE")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """Invalid configuration, with the variables to fix named."""
+
+
+def variable_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable that sets the field at `loc`."""
+    if loc and loc[0] in ("OPENAI_API_KEY", "openai_api_key"):
+        return "OPENAI_API_KEY"
+    return "RELAY_" + "__".join(str(part) for part in loc).upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build `Settings` from the environment, failing with the names of bad variables."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = variable_name(error["loc"]) if error["loc"] else "configuration"
+            problems.append(f"{where}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

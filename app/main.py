@@ -1,0 +1,104 @@
+"""The ASGI application: `create_app(settings)`, and `app` for `uvicorn app.main:app`.
+
+The lifespan opens the shared clients (the limiter) and closes them; `/ws` and `/v1/realtime`
+are the relay (`relay.py`), `/metrics` the Prometheus scrape, `/healthz` and `/readyz` the
+probes, and `/` the bundled page from `static/` (found next to the code, not the working dir).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import make_asgi_app
+from starlette.routing import WebSocketRoute
+
+from app.config import Settings, load_settings
+from app.limits import Limiter, MemoryLimiter
+from app.logs import configure_logging
+from app.metrics import RelayMetrics
+from app.relay import Relay
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def make_limiter(settings: Settings) -> Limiter:
+    """The limiter the settings ask for."""
+    return MemoryLimiter()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the relay app. Without `settings`, they are read from the environment."""
+    settings = settings if settings is not None else load_settings()
+    metrics = RelayMetrics(settings)
+    relay = Relay(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        relay.limiter = make_limiter(settings)
+        if settings.upstream.demo:
+            logger.warning(
+                "DEMO MODE: no OPENAI_API_KEY; sessions go to the local echo upstream at %s",
+                settings.upstream.url,
+            )
+        try:
+            yield {"relay": relay}
+        finally:
+            await relay.limiter.aclose()
+
+    app = FastAPI(title="realtime-relay", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.relay = relay
+    app.router.routes.append(WebSocketRoute("/ws", relay, name="relay"))
+    app.router.routes.append(WebSocketRoute("/v1/realtime", relay, name="relay_sdk"))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if relay.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if relay.limiter is None or not await relay.limiter.ready():
+            return JSONResponse({"status": "limiter unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    app.mount("/metrics", make_asgi_app(metrics.registry), name="metrics")
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app
+
+
+def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """Uvicorn's configuration for the relay: one worker, sized frames, no deflate on audio."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "lifespan": "on",
+        "log_config": None,  # configure_logging owns the handlers
+        # A little above the relay's own limit, so oversized frames get an `error` event first.
+        "ws_max_size": settings.client_max_message_bytes + 2**20,
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
+        "proxy_headers": True,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def __getattr__(name: str) -> Any:
+    """`app` is built on first access, so importing this module reads no environment."""
+    if name == "app":
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return create_app(settings)
+    raise AttributeError(name)

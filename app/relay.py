@@ -1,0 +1,318 @@
+"""The `/ws` endpoint: accept, authenticate, lease, open the upstream, pump both ways, close.
+
+This is the only module that holds both sockets. A `RelaySession` lives for one client
+connection; its two pumps run in an `asyncio.TaskGroup` and the first to end (or fail) ends the
+session, which then closes both sides with a chosen code, releases its lease and records metrics.
+
+The endpoint is a plain ASGI app rather than a FastAPI route: the hot path calls the server's
+`receive`/`send` directly, with no per-message wrapper objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+from app.auth import Authenticator, Identity, credential_from
+from app.config import Settings
+from app.errors import (
+    AdmissionError,
+    ClientError,
+    CloseCode,
+    InvalidAudioError,
+    LimiterUnavailableError,
+    MessageTooBigError,
+    ModelNotAllowedError,
+    RelayError,
+    ShuttingDownError,
+    UnsupportedClientError,
+    UpstreamClosedError,
+    UpstreamError,
+    event_for,
+)
+from app.limits import Cap, Lease, Limiter
+from app.metrics import RelayMetrics, SessionMeter
+from app.protocol import SessionPolicy
+from app.upstream import Upstream, close_quietly
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+REALTIME_SUBPROTOCOL: Final = "realtime"
+PCM24K_BYTES_PER_SECOND: Final = 48_000
+
+_REJECTION_REASONS: Final = {
+    "unauthorized": "unauthorized",
+    "origin_not_allowed": "origin",
+    "model_not_allowed": "model",
+    "session_limit_reached": "limit",
+    "unsupported_protocol": "protocol",
+    "limiter_unavailable": "limiter",
+    "server_shutting_down": "shutdown",
+}
+
+
+class _Ended(Exception):
+    """A pump saw its peer go away: how the session ends, and the close code for the client."""
+
+    def __init__(self, outcome: str, close_code: int) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.close_code = close_code
+
+
+class Relay:
+    """Everything the sessions share: settings, upstream, policy inputs, limiter, metrics."""
+
+    def __init__(
+        self, settings: Settings, metrics: RelayMetrics, limiter: Limiter | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.limiter = limiter
+        self.upstream = Upstream(settings)
+        self.auth = Authenticator(settings)
+        self.draining = False
+        self.sessions: set[RelaySession] = set()
+        self._event_ids = itertools.count(1)
+
+    def event_id(self) -> str:
+        return f"event_relay_{next(self._event_ids)}"
+
+    def caps(self, identity: Identity, model: str) -> list[Cap]:
+        """The concurrency caps a session of `identity` on `model` holds a slot in."""
+        tier = self.settings.tiers[identity.tier]
+        caps = []
+        if tier.max_sessions is not None:
+            caps.append(Cap(f"tier:{identity.tier}", tier.max_sessions, "tier"))
+        if tier.max_sessions_per_client is not None:
+            key = f"client:{identity.tier}:{identity.client_id}"
+            caps.append(Cap(key, tier.max_sessions_per_client, "client"))
+        return caps
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI entry point for `/ws` and `/v1/realtime`."""
+        session = RelaySession(self, scope, receive, send)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+
+class RelaySession:
+    """One client connection and, once admitted, its upstream connection."""
+
+    def __init__(self, relay: Relay, scope: Scope, receive: Receive, send: Send) -> None:
+        self.relay = relay
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.id = uuid.uuid4().hex
+        self.log = logging.LoggerAdapter(logger, {"session": self.id, "tier": "-"})
+        self.client_open = False
+        self.upstream: ClientConnection | None = None
+
+    async def run(self) -> None:
+        relay = self.relay
+        await self.receive()  # websocket.connect
+        offered = self.scope.get("subprotocols") or []
+        subprotocol = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
+        # Accept before judging: a browser cannot read a refused handshake's HTTP status.
+        await self.send({"type": "websocket.accept", "subprotocol": subprotocol})
+        self.client_open = True
+        tier = "-"
+        lease: Lease | None = None
+        try:
+            if relay.draining:
+                raise ShuttingDownError("the relay is shutting down; reconnect")
+            identity = relay.auth.authenticate(credential_from(self.scope["headers"], offered))
+            tier = identity.tier
+            self.log.extra = {"session": self.id, "tier": tier}
+            model = self._model(identity)
+            if relay.limiter is not None:
+                lease = await relay.limiter.acquire(relay.caps(identity, model))
+            await self._serve(identity, model)
+        except (AdmissionError, LimiterUnavailableError, ShuttingDownError) as exc:
+            relay.metrics.reject(tier, _REJECTION_REASONS.get(exc.code, "protocol"))
+            self.log.info("refused: %s", exc.code)
+            await self._close(exc.close_code, exc)
+        except UpstreamError as exc:
+            if self.upstream is None:
+                relay.metrics.reject(tier, "upstream")
+            self.log.warning("upstream failed: %s", exc.code, exc_info=exc.__cause__ is not None)
+            await self._close(exc.close_code, exc)
+        except Exception:
+            self.log.exception("session failed")
+            await self._close(CloseCode.INTERNAL, RelayError("internal relay error"))
+        finally:
+            if lease is not None and relay.limiter is not None:
+                await relay.limiter.release(lease)
+
+    def _model(self, identity: Identity) -> str:
+        allowed = self.relay.settings.tier_models(identity.tier)
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        if "call_id" in query or "intent" in query:
+            raise UnsupportedClientError("the relay opens conversation sessions only (?model=)")
+        requested: str = query.get("model", [allowed[0]])[0]
+        if requested not in allowed:
+            raise ModelNotAllowedError(f"model {requested[:64]!r} is not available to this client")
+        return requested
+
+    async def _serve(self, identity: Identity, model: str) -> None:
+        relay = self.relay
+        started = time.perf_counter()
+        self.upstream = upstream = await relay.upstream.connect(model)
+        relay.metrics.upstream_connect.observe(time.perf_counter() - started)
+        self.log.info("upstream open: model=%s", model)
+        policy = SessionPolicy(
+            relay.settings.session, relay.settings.tiers[identity.tier].client_may_set, model=model
+        )
+        meter = relay.metrics.session(
+            identity.tier, model, (PCM24K_BYTES_PER_SECOND, PCM24K_BYTES_PER_SECOND)
+        )
+        outcome = "error"
+        try:
+            # Inject the server's session before any client event is read: client frames wait in
+            # the server's bounded receive queue meanwhile, in order (REALTIME.md §12.1).
+            await self._start_session(upstream, policy)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._client_to_upstream(upstream, policy, meter))
+                group.create_task(self._upstream_to_client(upstream, policy, meter))
+        except* _Ended as ended:
+            end = ended.exceptions[0]
+            assert isinstance(end, _Ended)
+            outcome = end.outcome
+            await self._close(end.close_code)
+        except* RelayError as failed:
+            error = failed.exceptions[0]
+            assert isinstance(error, RelayError)
+            outcome = "upstream_error" if isinstance(error, UpstreamError) else "error"
+            self.log.info("session ended: %s", error.code)
+            await self._close(error.close_code, error)
+        finally:
+            meter.close(outcome)
+            self.log.info("session closed: outcome=%s", outcome)
+            relay.metrics.upstream_closed(upstream.close_code)
+            await close_quietly(
+                upstream, CloseCode.NORMAL, relay.settings.upstream.close_timeout_seconds
+            )
+
+    async def _start_session(self, upstream: ClientConnection, policy: SessionPolicy) -> None:
+        """Wait for `session.created`, show it (redacted) to the client, inject the server's."""
+        try:
+            async with asyncio.timeout(self.relay.settings.upstream.connect_timeout_seconds):
+                first = await upstream.recv()
+        except TimeoutError:
+            raise UpstreamError("the upstream did not start a session in time") from None
+        except ConnectionClosed as exc:
+            raise UpstreamClosedError("the upstream closed before the session started") from exc
+        if isinstance(first, bytes):
+            raise UpstreamError("the upstream sent a binary frame instead of session.created")
+        event_type, _, text = policy.upstream_event(first)
+        await self._send_client(text)
+        if event_type != "session.created":
+            raise UpstreamError(f"the upstream sent {event_type or 'a non-event'} first")
+        await upstream.send(policy.injected)
+
+    async def _client_to_upstream(
+        self, upstream: ClientConnection, policy: SessionPolicy, meter: SessionMeter
+    ) -> None:
+        receive, forward = self.receive, upstream.send
+        decide, count = policy.client_event, meter.client_event
+        limit = self.relay.settings.client_max_message_bytes
+        perf_counter = time.perf_counter
+        while True:
+            message = await receive()
+            start = perf_counter()
+            text = message.get("text")
+            if text is not None:
+                if len(text) > limit:
+                    raise MessageTooBigError(f"frames are limited to {limit} bytes")
+                try:
+                    event_type, event = decide(text)
+                except ClientError as exc:
+                    await self._send_error(exc)
+                    continue
+                try:
+                    await forward(text)
+                except ConnectionClosed:
+                    raise UpstreamClosedError("the upstream connection closed") from None
+                count(event_type, event, len(text), start)
+            elif message["type"] == "websocket.disconnect":
+                self.client_open = False
+                raise _Ended("client_closed", CloseCode.NORMAL)
+            elif message.get("bytes") is not None:
+                await self._send_error(
+                    InvalidAudioError("binary audio frames need an audio codec; send JSON events")
+                )
+
+    async def _upstream_to_client(
+        self, upstream: ClientConnection, policy: SessionPolicy, meter: SessionMeter
+    ) -> None:
+        decide, count, send_text = policy.upstream_event, meter.upstream_event, self._send_client
+        perf_counter = time.perf_counter
+        try:
+            async for message in upstream:
+                start = perf_counter()
+                if isinstance(message, bytes):
+                    self.log.warning("dropped a binary frame from the upstream")
+                    continue
+                event_type, event, text = decide(message)
+                await send_text(text)
+                count(event_type, event, text, start)
+        except ConnectionClosedOK:
+            pass
+        except ConnectionClosed as exc:
+            raise UpstreamClosedError("the upstream connection was lost") from exc
+        code = upstream.close_code
+        if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            raise _Ended("completed", code)
+        raise UpstreamClosedError(f"the upstream closed the session ({code})")
+
+    async def _send_client(self, text: str) -> None:
+        try:
+            await self.send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError):  # uvicorn: ClientDisconnected, or sent after close
+            self.client_open = False
+            raise _Ended("client_closed", CloseCode.NORMAL) from None
+
+    async def _send_error(self, exc: RelayError) -> None:
+        self.relay.metrics.error("relay", exc.code)
+        event = event_for(exc, event_id=self.relay.event_id(), client_event_id=exc.client_event_id)
+        await self._send_client(_dumps(event))
+
+    async def _close(self, code: int, error: RelayError | None = None) -> None:
+        """Tell the client why (if there is a why), then close it; never raises."""
+        if not self.client_open:
+            return
+        self.client_open = False
+        try:
+            if error is not None:
+                self.relay.metrics.error("relay", error.code)
+                event = event_for(
+                    error, event_id=self.relay.event_id(), client_event_id=error.client_event_id
+                )
+                await self.send({"type": "websocket.send", "text": _dumps(event)})
+            reason = error.code if error is not None else ""
+            await self.send({"type": "websocket.close", "code": int(code), "reason": reason})
+        except (OSError, RuntimeError):
+            pass
+
+
+def _dumps(event: Any) -> str:
+    return json.dumps(event, separators=(",", ":"))

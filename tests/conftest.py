@@ -1,0 +1,115 @@
+"""Fixtures: real servers on free loopback ports, each cleaned up by the factory that made it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from app.config import Settings
+from app.local_upstream import LocalUpstream
+from app.main import create_app, server_config
+
+UPSTREAM_KEY = "sk-test-upstream-0123456789"
+START_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class RelayServer:
+    """A relay served by uvicorn on 127.0.0.1, and the app behind it."""
+
+    server: uvicorn.Server
+    port: int
+    app: Any
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def relay(self) -> Any:
+        return self.app.state.relay
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.relay.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else float(value)
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[Callable[..., Awaitable[LocalUpstream]]]:
+    """Starts local Realtime upstreams (port 0); all are stopped after the test."""
+    started: list[LocalUpstream] = []
+
+    async def start(**options: Any) -> LocalUpstream:
+        options.setdefault("api_key", UPSTREAM_KEY)
+        upstream = LocalUpstream(**options)
+        await upstream.__aenter__()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in reversed(started):
+        await upstream.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def upstream(upstream_factory: Callable[..., Awaitable[LocalUpstream]]) -> LocalUpstream:
+    return await upstream_factory()
+
+
+def relay_settings(upstream_url: str, **overrides: Any) -> Settings:
+    """Settings for a relay in front of `upstream_url`, as a test would write them."""
+    upstream = {"url": upstream_url, "connect_timeout_seconds": 5.0, "close_timeout_seconds": 2.0}
+    upstream.update(overrides.pop("upstream", {}))
+    return Settings(openai_api_key=UPSTREAM_KEY, upstream=upstream, **overrides)
+
+
+@pytest.fixture
+async def relay_factory() -> AsyncIterator[Callable[[Settings], Awaitable[RelayServer]]]:
+    """Serves relay apps under uvicorn on pre-bound loopback sockets; stops them after the test."""
+    running: list[tuple[RelayServer, asyncio.Task[None]]] = []
+
+    async def start(settings: Settings) -> RelayServer:
+        app = create_app(settings)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = server_config(app, settings, port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        async with asyncio.timeout(START_TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        handle = RelayServer(server=server, port=port, app=app)
+        running.append((handle, task))
+        return handle
+
+    yield start
+    for handle, task in reversed(running):
+        handle.server.should_exit = True
+        async with asyncio.timeout(START_TIMEOUT):
+            await task
+
+
+@pytest.fixture
+async def relay(
+    relay_factory: Callable[[Settings], Awaitable[RelayServer]], upstream: LocalUpstream
+) -> RelayServer:
+    return await relay_factory(relay_settings(upstream.url))

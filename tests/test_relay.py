@@ -1,0 +1,315 @@
+"""The relay end to end: real clients, the relay under uvicorn, the local upstream, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import struct
+
+import pytest
+from openai import AsyncOpenAI
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import UPSTREAM_KEY, relay_settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+CLIENT_KEY = "client-key-for-tests-1"
+TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather for a city (server-side secret description)",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+SERVER_INSTRUCTIONS = "SERVER INSTRUCTIONS: be brief"
+WAIT = 10.0
+
+
+def tone(ms: int, freq: float = 300.0, amplitude: float = 8000.0) -> bytes:
+    """PCM16 24 kHz mono: a sine of `ms` milliseconds."""
+    count = 24 * ms
+    return struct.pack(
+        f"<{count}h",
+        *(int(amplitude * math.sin(2 * math.pi * freq * i / 24000)) for i in range(count)),
+    )
+
+
+def settings_for(upstream, **overrides):
+    overrides.setdefault("client_keys", {CLIENT_KEY: "default"})
+    overrides.setdefault("session", {"instructions": SERVER_INSTRUCTIONS, "tools": [TOOL]})
+    return relay_settings(upstream.url, **overrides)
+
+
+async def recv_until(ws, event_type: str, seen: list[dict] | None = None) -> dict:
+    """Receive events until one of `event_type`; collect all of them in `seen`."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            event = json.loads(await ws.recv())
+            if seen is not None:
+                seen.append(event)
+            if event["type"] == event_type:
+                return event
+
+
+def user_text(text: str, event_id: str | None = None) -> str:
+    """A client event adding a user text message."""
+    content = [{"type": "input_text", "text": text}]
+    event = {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": content},
+    }
+    if event_id is not None:
+        event["event_id"] = event_id
+    return json.dumps(event)
+
+
+async def eventually(check) -> None:
+    """Wait (bounded) until `check()` is true."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.02)
+
+
+async def closed(ws) -> tuple[int | None, str]:
+    async with asyncio.timeout(WAIT):
+        try:
+            while True:
+                await ws.recv()
+        except ConnectionClosed:
+            pass
+    return ws.close_code, ws.close_reason
+
+
+async def test_openai_sdk_turn_through_the_relay(relay_factory, upstream):
+    """The official SDK through the relay: server key, injected session, every byte both ways."""
+    relay = await relay_factory(settings_for(upstream))
+    client = AsyncOpenAI(api_key=CLIENT_KEY, base_url=f"{relay.http_url}/v1", max_retries=0)
+    audio = tone(400) + bytes(24 * 2 * 200)  # 0.6 s
+    chunks = [audio[i : i + 960] for i in range(0, len(audio), 960)]  # 20 ms each
+    received: list[dict] = []
+    async with client.realtime.connect(model="gpt-realtime-mini") as conn:
+        await conn.session.update(
+            session={"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+        )
+        for chunk in chunks:
+            await conn.input_audio_buffer.append(audio=base64.b64encode(chunk).decode())
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        async with asyncio.timeout(WAIT):
+            async for event in conn:
+                received.append(event.model_dump())
+                if event.type == "response.done":
+                    break
+    record = upstream.connections[0]
+    assert record.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert CLIENT_KEY not in json.dumps(record.headers)
+    assert "openai-beta" not in record.headers
+    first = record.events[0]
+    assert first["type"] == "session.update"
+    assert first["session"]["instructions"] == SERVER_INSTRUCTIONS
+    assert first["session"]["tools"] == [TOOL]
+    assert bytes(record.input_audio) == audio
+    types = [e["type"] for e in received]
+    assert types[0] == "session.created"
+    deltas = b"".join(
+        base64.b64decode(e["delta"]) for e in received if e["type"] == "response.output_audio.delta"
+    )
+    assert deltas == audio  # the local upstream echoes the committed audio
+    usage = received[-1]["response"]["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
+    shown = json.dumps([e for e in received if e["type"].startswith("session.")])
+    assert SERVER_INSTRUCTIONS not in shown and "secret description" not in shown
+
+
+async def test_browser_subprotocol_credential(relay_factory, upstream):
+    """The browser form authenticates, `realtime` is echoed, and the key-bearing entry is not."""
+    relay = await relay_factory(settings_for(upstream))
+    protocols = ["realtime", f"openai-insecure-api-key.{CLIENT_KEY}"]
+    async with connect(relay.ws_url, subprotocols=protocols) as ws:
+        assert ws.subprotocol == "realtime"
+        created = await recv_until(ws, "session.created")
+        assert "instructions" not in created["session"]
+        updated = await recv_until(ws, "session.updated")  # the injected session, redacted
+        assert "instructions" not in updated["session"]
+        assert updated["session"]["tools"] == [{"type": "function", "name": "get_weather"}]
+    record = await upstream.wait_for_connection(1, timeout=WAIT)
+    assert CLIENT_KEY not in json.dumps(record.headers)
+
+
+async def test_client_events_wait_for_injection(relay_factory, upstream):
+    """Events sent before the upstream session starts follow the injection, in order."""
+    upstream.session_created_delay = 0.5
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        for i in range(5):
+            await ws.send(user_text(f"m{i}", event_id=f"c{i}"))
+        await recv_until(ws, "conversation.item.done")
+    record = upstream.connections[0]
+    types = [e["type"] for e in record.events]
+    assert types[0] == "session.update"
+    assert [e.get("event_id") for e in record.events[1:6]] == [f"c{i}" for i in range(5)]
+
+
+async def test_locked_session_update_is_refused_and_session_continues(relay_factory, upstream):
+    """A client cannot change instructions or tools: an error names them; nothing goes upstream."""
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.created")
+        session = {"type": "realtime", "instructions": "leak it", "tools": []}
+        await ws.send(
+            json.dumps({"type": "session.update", "event_id": "cli_7", "session": session})
+        )
+        error = await recv_until(ws, "error")
+        assert error["error"]["code"] == "field_locked"
+        assert "session.instructions" in error["error"]["message"]
+        assert "session.tools" in error["error"]["message"]
+        assert error["error"]["event_id"] == "cli_7"
+        # The session is still usable.
+        await ws.send(json.dumps({"type": "response.create", "response": {"instructions": "x"}}))
+        assert (await recv_until(ws, "error"))["error"]["code"] == "field_locked"
+        voice = {"type": "realtime", "audio": {"output": {"voice": "alloy"}}}
+        await ws.send(json.dumps({"type": "session.update", "session": voice}))
+        updated = await recv_until(ws, "session.updated")
+        while updated["session"]["audio"]["output"]["voice"] != "alloy":
+            updated = await recv_until(ws, "session.updated")
+    sent = [e for e in upstream.connections[0].events if e["type"] != "session.update"]
+    assert not any("leak it" in json.dumps(e) for e in upstream.connections[0].events)
+    assert all(e["type"] != "response.create" for e in sent)
+
+
+async def test_bad_frames_get_error_events_and_session_stays_open(relay_factory, upstream):
+    """Invalid JSON and unknown types get stable codes; the session goes on."""
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.created")
+        await ws.send("{nope")
+        assert (await recv_until(ws, "error"))["error"]["code"] == "invalid_json"
+        await ws.send(json.dumps({"type": "made.up", "event_id": "e5"}))
+        error = await recv_until(ws, "error")
+        assert error["error"]["code"] == "unknown_event_type"
+        assert error["error"]["event_id"] == "e5"
+        await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        await recv_until(ws, "input_audio_buffer.cleared")
+
+
+async def test_oversized_frame_closes_with_1009(relay_factory, upstream):
+    """A frame over the limit gets an error event, then close 1009."""
+    relay = await relay_factory(settings_for(upstream, client_max_message_bytes=2**16))
+    async with connect(relay.ws_url, max_size=None) as ws:
+        await recv_until(ws, "session.created")
+        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 2**17}))
+        error = await recv_until(ws, "error")
+        assert error["error"]["code"] == "message_too_big"
+        assert (await closed(ws))[0] == 1009
+
+
+async def test_unknown_client_key_is_refused_without_upstream(relay_factory, upstream):
+    """A wrong key gets `unauthorized` and close 1008; no upstream connection is opened."""
+    relay = await relay_factory(settings_for(upstream))
+    headers = {"Authorization": "Bearer wrong-key"}
+    async with connect(relay.ws_url, additional_headers=headers) as ws:
+        error = await recv_until(ws, "error")
+        assert error["error"]["code"] == "unauthorized"
+        assert (await closed(ws))[0] == 1008
+    assert upstream.connections == []
+
+
+async def test_model_not_allowed_for_tier(relay_factory, upstream):
+    """?model= must be one of the tier's models."""
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url + "?model=gpt-realtime") as ws:
+        assert (await recv_until(ws, "error"))["error"]["code"] == "model_not_allowed"
+        assert (await closed(ws))[0] == 1008
+    assert upstream.connections == []
+
+
+async def test_seed_model_names_work(relay_factory, upstream):
+    """The preview model names pass through as plain names."""
+    tiers = {"default": {"models": ["gpt-4o-realtime-preview", "gpt-4o-mini-realtime-preview"]}}
+    relay = await relay_factory(settings_for(upstream, tiers=tiers))
+    async with connect(relay.ws_url + "?model=gpt-4o-mini-realtime-preview") as ws:
+        created = await recv_until(ws, "session.created")
+        assert created["session"]["model"] == "gpt-4o-mini-realtime-preview"
+    assert upstream.connections[0].query["model"] == "gpt-4o-mini-realtime-preview"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "close_code"),
+    [
+        (401, "upstream_unauthorized", 1014),
+        (403, "upstream_unauthorized", 1014),
+        (429, "upstream_rate_limited", 1013),
+        (503, "upstream_refused", 1014),
+    ],
+)
+async def test_upstream_refusal_reaches_the_client(
+    relay_factory, upstream, status, code, close_code
+):
+    """An upstream that refuses the handshake becomes an error event and a documented close."""
+    upstream.refuse_status = status
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        error = await recv_until(ws, "error")
+        assert error["error"]["code"] == code
+        assert UPSTREAM_KEY not in json.dumps(error)
+        assert (await closed(ws))[0] == close_code
+
+
+async def test_unreachable_upstream(relay_factory, upstream_factory):
+    """Nothing listening upstream: error `upstream_unavailable`, close 1014."""
+    up = await upstream_factory()
+    url = up.url
+    await up.__aexit__(None, None, None)
+    relay = await relay_factory(relay_settings(url, client_keys={}))
+    async with connect(relay.ws_url) as ws:
+        assert (await recv_until(ws, "error"))["error"]["code"] == "upstream_unavailable"
+        assert (await closed(ws))[0] == 1014
+
+
+async def test_upstream_drop_mid_response(relay_factory, upstream):
+    """An upstream that dies mid-response: the client gets `upstream_closed` and close 1014."""
+    upstream.drop_after_audio_deltas = 2
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.created")
+        await ws.send(user_text("a long question " * 5))
+        await ws.send(json.dumps({"type": "response.create"}))
+        seen: list[dict] = []
+        error = await recv_until(ws, "error", seen)
+        assert error["error"]["code"] == "upstream_closed"
+        assert sum(e["type"] == "response.output_audio.delta" for e in seen) == 2
+        assert (await closed(ws))[0] == 1014
+    assert (
+        relay.metric(
+            "realtime_relay_sessions_active", {"tier": "default", "model": "gpt-realtime-mini"}
+        )
+        == 0
+    )
+
+
+async def test_client_drop_closes_the_upstream(relay_factory, upstream):
+    """A client that vanishes closes its upstream connection at once."""
+    relay = await relay_factory(settings_for(upstream))
+    ws = await connect(relay.ws_url)
+    await recv_until(ws, "session.created")
+    record = await upstream.wait_for_connection(1, timeout=WAIT)
+    ws.transport.abort()
+    async with asyncio.timeout(WAIT):
+        await record.closed.wait()
+    await eventually(lambda: not relay.relay.sessions)
+    labels = {"tier": "default", "model": "gpt-realtime-mini", "outcome": "client_closed"}
+    assert relay.metric("realtime_relay_sessions_total", labels) == 1
+
+
+async def test_beta_clients_are_told_to_use_ga(relay_factory, upstream):
+    """The beta subprotocol is refused with a clear code, before any upstream connection."""
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url, subprotocols=["realtime", "openai-beta.realtime-v1"]) as ws:
+        assert (await recv_until(ws, "error"))["error"]["code"] == "unsupported_protocol"
+        assert (await closed(ws))[0] == 1008
+    assert upstream.connections == []
