@@ -14,17 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import make_asgi_app
 from starlette.routing import WebSocketRoute
 
+from app.auth import credential_from
 from app.config import Settings, load_settings
+from app.errors import RelayError
 from app.limits import Limiter, MemoryLimiter
 from app.logs import configure_logging
 from app.metrics import RelayMetrics
 from app.relay import Relay
+from app.wire import OUTPUT_CODECS
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,26 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 def make_limiter(settings: Settings) -> Limiter:
     """The limiter the settings ask for."""
     return MemoryLimiter()
+
+
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+
+
+def session_options(settings: Settings, tier: str) -> dict[str, Any]:
+    """The body of `GET /v1/relay/options`: a tier's choices, for clients such as the page."""
+    may_set = settings.tiers[tier].client_may_set
+    session = settings.session
+    return {
+        "tier": tier,
+        "models": settings.tier_models(tier),
+        "client_may_set": may_set,
+        "voices": list(VOICES) if "audio.output.voice" in may_set else [session.voice],
+        "voice": session.voice,
+        "turn_detection": session.turn_detection,
+        "demo": settings.upstream.demo,
+        "input_codecs": ["pcm16", "opus", "g711_ulaw", "g711_alaw"],
+        "output_codecs": list(OUTPUT_CODECS),
+    }
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -59,6 +82,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.relay = relay
     app.router.routes.append(WebSocketRoute("/ws", relay, name="relay"))
     app.router.routes.append(WebSocketRoute("/v1/realtime", relay, name="relay_sdk"))
+
+    @app.get("/v1/relay/options")
+    async def options(request: Request) -> JSONResponse:
+        """What the caller's tier may use: models, changeable fields, voices, codecs."""
+        try:
+            credential = credential_from(request.headers.raw, ())
+            identity = relay.auth.authenticate(credential)
+        except RelayError as exc:
+            body = {"error": {"code": exc.code, "message": exc.message}}
+            return JSONResponse(body, status_code=401)
+        return JSONResponse(session_options(settings, identity.tier))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from app.config import Settings
 from app.usage import ALL_KINDS, Kind, per_token_prices, price_lookup, split_usage
+from app.wire import ClientAudio
 
 OTHER: Final = "other"
 
@@ -60,6 +61,11 @@ ERROR_CODES: Final = frozenset(
 )
 CLOSE_CODES: Final = frozenset({"1000", "1001", "1006", "1008", "1009", "1011", "1012", "1013"})
 AUDIO_CODECS: Final = ("pcm16", "g711_ulaw", "g711_alaw", "opus")
+_UPSTREAM_CODECS: Final = {
+    "audio/pcm": "pcm16",
+    "audio/pcmu": "g711_ulaw",
+    "audio/pcma": "g711_alaw",
+}
 DIRECTIONS: Final = ("client_to_upstream", "upstream_to_client")
 
 # Bucket bounds per quantity, in seconds.
@@ -185,10 +191,12 @@ class RelayMetrics:
     def upstream_closed(self, code: int | None) -> None:
         self.upstream_closes.labels(_known(str(code), CLOSE_CODES)).inc()
 
-    def session(self, tier: str, model: str, bytes_per_second: tuple[int, int]) -> SessionMeter:
+    def session(
+        self, tier: str, model: str, bytes_per_second: tuple[int, int], audio: ClientAudio
+    ) -> SessionMeter:
         """A meter for a new session; `bytes_per_second` of the upstream input and output audio."""
         tier, model = self.tier_label(tier), self.model_label(model)
-        return SessionMeter(self, tier, model, bytes_per_second)
+        return SessionMeter(self, tier, model, bytes_per_second, audio)
 
 
 class SessionMeter:
@@ -204,7 +212,8 @@ class SessionMeter:
         "_latency_in", "_latency_out", "_audio_in", "_audio_out", "_turn", "_first_audio",
         "_speech_end", "_response_requested", "_input_bytes_per_second", "_tokens", "_cost",
         "_prices", "_started", "_output_bytes_per_second",
-        "_transcription_model",
+        "_transcription_model", "_decoder", "_samples_in", "_binary_in", "_decode", "_encode",
+        "_decoder_rate",
     )  # fmt: skip
 
     def __init__(
@@ -213,6 +222,7 @@ class SessionMeter:
         tier: str,
         model: str,
         bytes_per_second: tuple[int, int],
+        audio: ClientAudio,
     ) -> None:
         self._metrics = metrics
         self.tier, self.model = tier, model
@@ -222,8 +232,18 @@ class SessionMeter:
         self._bytes_out = metrics.bytes.labels(DIRECTIONS[1])
         self._latency_in = metrics.added_latency.labels(DIRECTIONS[0])
         self._latency_out = metrics.added_latency.labels(DIRECTIONS[1])
-        self._audio_in = metrics.audio_seconds.labels("in", "pcm16")
-        self._audio_out = metrics.audio_seconds.labels("out", "pcm16")
+        options = audio.options
+        upstream_in = _UPSTREAM_CODECS[options.input_format["type"]]
+        upstream_out = _UPSTREAM_CODECS[options.output_format["type"]]
+        client_out = upstream_out if options.output_codec == "json" else options.output_codec
+        self._audio_in = metrics.audio_seconds.labels("in", upstream_in)
+        self._binary_in = metrics.audio_seconds.labels("in", options.input_codec)
+        self._audio_out = metrics.audio_seconds.labels("out", client_out)
+        self._decoder = audio.decoder
+        self._decoder_rate = 24_000 if options.input_format["type"] == "audio/pcm" else 8_000
+        self._samples_in = 0
+        self._decode = metrics.transcode.labels("decode_" + options.input_codec)
+        self._encode = metrics.transcode.labels("encode_" + options.output_codec)
         self._turn = metrics.turn_latency.labels(tier, model)
         self._first_audio = metrics.first_audio.labels(tier, model)
         self._input_bytes_per_second, self._output_bytes_per_second = bytes_per_second
@@ -250,6 +270,20 @@ class SessionMeter:
         elif event_type == "response.create":
             self._response_requested = start
         self._latency_in.observe(time.perf_counter() - start)
+
+    def client_audio(self, size: int, start: float, decoded: float) -> None:
+        """Count a binary audio frame; `decoded` is the `perf_counter` when its decoding ended."""
+        self._events_in.inc()
+        self._bytes_in.inc(size)
+        self._decode.observe(decoded - start)
+        samples = self._decoder.samples
+        self._binary_in.inc((samples - self._samples_in) / self._decoder_rate)
+        self._samples_in = samples
+        self._latency_in.observe(time.perf_counter() - start)
+
+    def transcoded(self, seconds: float) -> None:
+        """Time spent encoding one output delta for the client."""
+        self._encode.observe(seconds)
 
     def upstream_event(
         self, event_type: str, event: dict[str, Any] | None, text: str, start: float

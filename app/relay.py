@@ -44,6 +44,7 @@ from app.limits import Cap, Lease, Limiter
 from app.metrics import RelayMetrics, SessionMeter
 from app.protocol import SessionPolicy
 from app.upstream import Upstream, close_quietly
+from app.wire import AudioOptions, ClientAudio, audio_options
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 REALTIME_SUBPROTOCOL: Final = "realtime"
-PCM24K_BYTES_PER_SECOND: Final = 48_000
+_BYTES_PER_SECOND: Final = {"audio/pcm": 48_000, "audio/pcmu": 8_000, "audio/pcma": 8_000}
 
 _REJECTION_REASONS: Final = {
     "unauthorized": "unauthorized",
@@ -64,6 +65,11 @@ _REJECTION_REASONS: Final = {
     "limiter_unavailable": "limiter",
     "server_shutting_down": "shutdown",
 }
+
+
+_AUDIO_OUTPUT_EVENTS: Final = frozenset(
+    {"response.output_audio.delta", "response.output_audio.done", "response.done"}
+)
 
 
 class _Ended(Exception):
@@ -143,10 +149,11 @@ class RelaySession:
             identity = relay.auth.authenticate(credential_from(self.scope["headers"], offered))
             tier = identity.tier
             self.log.extra = {"session": self.id, "tier": tier}
-            model = self._model(identity)
+            query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+            model = self._model(identity, query)
             if relay.limiter is not None:
                 lease = await relay.limiter.acquire(relay.caps(identity, model))
-            await self._serve(identity, model)
+            await self._serve(identity, model, await self._audio(query))
         except (AdmissionError, LimiterUnavailableError, ShuttingDownError) as exc:
             relay.metrics.reject(tier, _REJECTION_REASONS.get(exc.code, "protocol"))
             self.log.info("refused: %s", exc.code)
@@ -163,9 +170,8 @@ class RelaySession:
             if lease is not None and relay.limiter is not None:
                 await relay.limiter.release(lease)
 
-    def _model(self, identity: Identity) -> str:
+    def _model(self, identity: Identity, query: dict[str, list[str]]) -> str:
         allowed = self.relay.settings.tier_models(identity.tier)
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
         if "call_id" in query or "intent" in query:
             raise UnsupportedClientError("the relay opens conversation sessions only (?model=)")
         requested: str = query.get("model", [allowed[0]])[0]
@@ -173,26 +179,41 @@ class RelaySession:
             raise ModelNotAllowedError(f"model {requested[:64]!r} is not available to this client")
         return requested
 
-    async def _serve(self, identity: Identity, model: str) -> None:
+    async def _audio(self, query: dict[str, list[str]]) -> ClientAudio:
+        """The session's codecs; bad parameters are reported and the defaults used instead."""
+        try:
+            return ClientAudio(audio_options(query))
+        except InvalidAudioError as exc:
+            await self._send_error(exc)
+            return ClientAudio(AudioOptions())
+
+    async def _serve(self, identity: Identity, model: str, audio: ClientAudio) -> None:
         relay = self.relay
         started = time.perf_counter()
         self.upstream = upstream = await relay.upstream.connect(model)
         relay.metrics.upstream_connect.observe(time.perf_counter() - started)
         self.log.info("upstream open: model=%s", model)
+        options = audio.options
         policy = SessionPolicy(
-            relay.settings.session, relay.settings.tiers[identity.tier].client_may_set, model=model
+            relay.settings.session,
+            relay.settings.tiers[identity.tier].client_may_set,
+            model=model,
+            input_format=options.input_format,
+            output_format=options.output_format,
         )
-        meter = relay.metrics.session(
-            identity.tier, model, (PCM24K_BYTES_PER_SECOND, PCM24K_BYTES_PER_SECOND)
+        rates = (
+            _BYTES_PER_SECOND[options.input_format["type"]],
+            _BYTES_PER_SECOND[options.output_format["type"]],
         )
+        meter = relay.metrics.session(identity.tier, model, rates, audio)
         outcome = "error"
         try:
             # Inject the server's session before any client event is read: client frames wait in
             # the server's bounded receive queue meanwhile, in order (REALTIME.md §12.1).
             await self._start_session(upstream, policy)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._client_to_upstream(upstream, policy, meter))
-                group.create_task(self._upstream_to_client(upstream, policy, meter))
+                group.create_task(self._client_to_upstream(upstream, policy, meter, audio))
+                group.create_task(self._upstream_to_client(upstream, policy, meter, audio))
         except* _Ended as ended:
             end = ended.exceptions[0]
             assert isinstance(end, _Ended)
@@ -230,7 +251,11 @@ class RelaySession:
         await upstream.send(policy.injected)
 
     async def _client_to_upstream(
-        self, upstream: ClientConnection, policy: SessionPolicy, meter: SessionMeter
+        self,
+        upstream: ClientConnection,
+        policy: SessionPolicy,
+        meter: SessionMeter,
+        audio: ClientAudio,
     ) -> None:
         receive, forward = self.receive, upstream.send
         decide, count = policy.client_event, meter.client_event
@@ -256,16 +281,32 @@ class RelaySession:
             elif message["type"] == "websocket.disconnect":
                 self.client_open = False
                 raise _Ended("client_closed", CloseCode.NORMAL)
-            elif message.get("bytes") is not None:
-                await self._send_error(
-                    InvalidAudioError("binary audio frames need an audio codec; send JSON events")
-                )
+            elif (frame := message.get("bytes")) is not None:
+                if len(frame) > limit:
+                    raise MessageTooBigError(f"frames are limited to {limit} bytes")
+                try:
+                    append = audio.append_event(frame)
+                except InvalidAudioError as exc:
+                    await self._send_error(exc)
+                    continue
+                decoded = perf_counter()
+                if append is not None:
+                    try:
+                        await forward(append)
+                    except ConnectionClosed:
+                        raise UpstreamClosedError("the upstream connection closed") from None
+                meter.client_audio(len(frame), start, decoded)
 
     async def _upstream_to_client(
-        self, upstream: ClientConnection, policy: SessionPolicy, meter: SessionMeter
+        self,
+        upstream: ClientConnection,
+        policy: SessionPolicy,
+        meter: SessionMeter,
+        audio: ClientAudio,
     ) -> None:
         decide, count, send_text = policy.upstream_event, meter.upstream_event, self._send_client
         perf_counter = time.perf_counter
+        binary_output = audio.binary_output
         try:
             async for message in upstream:
                 start = perf_counter()
@@ -273,7 +314,10 @@ class RelaySession:
                     self.log.warning("dropped a binary frame from the upstream")
                     continue
                 event_type, event, text = decide(message)
-                await send_text(text)
+                if binary_output and event_type in _AUDIO_OUTPUT_EVENTS:
+                    await self._send_binary_audio(event_type, text, audio, meter)
+                else:
+                    await send_text(text)
                 count(event_type, event, text, start)
         except ConnectionClosedOK:
             pass
@@ -283,6 +327,30 @@ class RelaySession:
         if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             raise _Ended("completed", code)
         raise UpstreamClosedError(f"the upstream closed the session ({code})")
+
+    async def _send_binary_audio(
+        self, event_type: str, text: str, audio: ClientAudio, meter: SessionMeter
+    ) -> None:
+        """Send an audio event with its audio as binary frames (`wire.py`)."""
+        frames: list[bytes] = []
+        if event_type == "response.output_audio.delta":
+            started = time.perf_counter()
+            text, frames = audio.delta_frames(text)
+            meter.transcoded(time.perf_counter() - started)
+        elif event_type == "response.output_audio.done":
+            frames = audio.end_of_audio()
+        else:  # response.done: a cancelled response leaves a tail that must not leak
+            audio.interrupted()
+        await self._send_client(text)
+        for frame in frames:
+            await self._send_client_bytes(frame)
+
+    async def _send_client_bytes(self, frame: bytes) -> None:
+        try:
+            await self.send({"type": "websocket.send", "bytes": frame})
+        except (OSError, RuntimeError):
+            self.client_open = False
+            raise _Ended("client_closed", CloseCode.NORMAL) from None
 
     async def _send_client(self, text: str) -> None:
         try:
