@@ -13,11 +13,9 @@ import os
 import sys
 from collections.abc import Callable
 
-import uvicorn
-
 from app.config import ConfigError, load_settings
 from app.logs import configure_logging
-from app.main import create_app, server_config
+from app.main import RelayServer, create_app, server_config
 
 logger = logging.getLogger("app")
 
@@ -44,7 +42,8 @@ async def _serve(demo: bool) -> None:
             logger.warning("Set OPENAI_API_KEY to talk to OpenAI.")
             logger.warning("=" * 72)
         app = create_app(settings)
-        await uvicorn.Server(server_config(app, settings)).serve()
+        server = RelayServer(server_config(app, settings), app.state.relay, settings.drain_seconds)
+        await server.serve()
     finally:
         if local is not None:
             await local.__aexit__(None, None, None)

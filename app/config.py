@@ -213,8 +213,11 @@ class Settings(BaseSettings):
     client_max_message_bytes: int = Field(16 * 2**20, ge=2**16)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # Uvicorn's wait for open sessions on shutdown before it runs the lifespan teardown.
-    graceful_shutdown_seconds: float = Field(30.0, ge=0)
+    # On SIGTERM: readiness fails and new sessions are refused at once; live sessions are warned
+    # and closed with 1012 (clients reconnect elsewhere) after this window.
+    drain_seconds: float = Field(20.0, ge=0)
+    # Uvicorn's wait for open connections after the drain, before the lifespan teardown.
+    graceful_shutdown_seconds: float = Field(5.0, ge=0)
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

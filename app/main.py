@@ -7,10 +7,14 @@ probes, and `/` the bundled page from `static/` (found next to the code, not the
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -127,6 +131,43 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
+
+
+class RelayServer(uvicorn.Server):
+    """Uvicorn with a graceful drain: the first SIGTERM drains the relay before shutting down.
+
+    Uvicorn alone would close every WebSocket with 1012 at once. Here SIGTERM makes `/readyz`
+    fail and refuses new sessions at once, warns live ones, closes those left after
+    `drain_seconds` with 1012, and only then lets uvicorn shut down. SIGINT, or a second
+    SIGTERM, stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, relay: Relay, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.relay = relay
+        self.drain_seconds = drain_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._drain is None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.relay.drain(self.drain_seconds)
+        finally:
+            self.should_exit = True
 
 
 def __getattr__(name: str) -> Any:

@@ -213,7 +213,7 @@ class SessionMeter:
         "_speech_end", "_response_requested", "_input_bytes_per_second", "_tokens", "_cost",
         "_prices", "_started", "_output_bytes_per_second",
         "_transcription_model", "_decoder", "_samples_in", "_binary_in", "_decode", "_encode",
-        "_decoder_rate",
+        "_decoder_rate", "last_activity",
     )  # fmt: skip
 
     def __init__(
@@ -255,6 +255,9 @@ class SessionMeter:
         price = price_lookup(metrics.prices, model)
         self._prices = per_token_prices(price) if price is not None else None
         self._started = time.monotonic()
+        # perf_counter of the last sign of conversation: a client event other than audio, or
+        # speech detected upstream. The session's idle timeout reads it.
+        self.last_activity = time.perf_counter()
         metrics.sessions_active.labels(tier, model).inc()
 
     def client_event(self, event_type: str, event: dict[str, Any], size: int, start: float) -> None:
@@ -265,10 +268,12 @@ class SessionMeter:
             audio = event.get("audio")
             if isinstance(audio, str):
                 self._audio_in.inc(len(audio) * 3 / 4 / self._input_bytes_per_second)
-        elif event_type == "input_audio_buffer.commit":
-            self._speech_end = start
-        elif event_type == "response.create":
-            self._response_requested = start
+        else:
+            self.last_activity = start
+            if event_type == "input_audio_buffer.commit":
+                self._speech_end = start
+            elif event_type == "response.create":
+                self._response_requested = start
         self._latency_in.observe(time.perf_counter() - start)
 
     def client_audio(self, size: int, start: float, decoded: float) -> None:
@@ -304,6 +309,8 @@ class SessionMeter:
                 self._response_requested = None
         elif event_type == "input_audio_buffer.speech_stopped":
             self._speech_end = start
+        elif event_type == "input_audio_buffer.speech_started":
+            self.last_activity = start
         elif event is not None:
             self._parsed_event(event_type, event)
         self._latency_out.observe(now - start)

@@ -11,6 +11,7 @@ The endpoint is a plain ASGI app rather than a FastAPI route: the hot path calls
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -24,7 +25,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from app.auth import Authenticator, Identity, credential_from
-from app.config import Settings
+from app.config import Settings, TierSettings
 from app.errors import (
     AdmissionError,
     ClientError,
@@ -34,6 +35,7 @@ from app.errors import (
     MessageTooBigError,
     ModelNotAllowedError,
     RelayError,
+    SessionEndedError,
     ShuttingDownError,
     UnsupportedClientError,
     UpstreamClosedError,
@@ -72,6 +74,13 @@ _AUDIO_OUTPUT_EVENTS: Final = frozenset(
 )
 
 
+_OUTCOMES: Final = {
+    "session_expired": "expired",
+    "session_idle": "idle",
+    "server_shutting_down": "shutdown",
+}
+
+
 class _Ended(Exception):
     """A pump saw its peer go away: how the session ends, and the close code for the client."""
 
@@ -94,6 +103,8 @@ class Relay:
         self.auth = Authenticator(settings)
         self.draining = False
         self.sessions: set[RelaySession] = set()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
         self._event_ids = itertools.count(1)
 
     def event_id(self) -> str:
@@ -110,14 +121,34 @@ class Relay:
             caps.append(Cap(key, tier.max_sessions_per_client, "client"))
         return caps
 
+    async def drain(self, window: float) -> None:
+        """Stop admitting, warn live sessions, and close those left after `window` with 1012."""
+        self.draining = True
+        logger.warning("draining: %d live sessions, closing in %.0f s", len(self.sessions), window)
+        warning = f"the relay is shutting down; this session will be closed in {window:.0f} s"
+        for session in list(self.sessions):
+            await session.warn(ShuttingDownError(warning))
+        await self._all_ended(window)
+        for session in list(self.sessions):
+            session.stopping.set()
+        await self._all_ended(self.settings.upstream.close_timeout_seconds + 1.0)
+
+    async def _all_ended(self, within: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._no_sessions.wait()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry point for `/ws` and `/v1/realtime`."""
         session = RelaySession(self, scope, receive, send)
         self.sessions.add(session)
+        self._no_sessions.clear()
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            if not self.sessions:
+                self._no_sessions.set()
 
 
 class RelaySession:
@@ -132,6 +163,7 @@ class RelaySession:
         self.log = logging.LoggerAdapter(logger, {"session": self.id, "tier": "-"})
         self.client_open = False
         self.upstream: ClientConnection | None = None
+        self.stopping = asyncio.Event()  # set by a drain: end the session with 1012
 
     async def run(self) -> None:
         relay = self.relay
@@ -214,6 +246,7 @@ class RelaySession:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._client_to_upstream(upstream, policy, meter, audio))
                 group.create_task(self._upstream_to_client(upstream, policy, meter, audio))
+                group.create_task(self._watch(relay.settings.tiers[identity.tier], meter))
         except* _Ended as ended:
             end = ended.exceptions[0]
             assert isinstance(end, _Ended)
@@ -222,7 +255,9 @@ class RelaySession:
         except* RelayError as failed:
             error = failed.exceptions[0]
             assert isinstance(error, RelayError)
-            outcome = "upstream_error" if isinstance(error, UpstreamError) else "error"
+            outcome = _OUTCOMES.get(error.code, "error")
+            if isinstance(error, UpstreamError):
+                outcome = "upstream_error"
             self.log.info("session ended: %s", error.code)
             await self._close(error.close_code, error)
         finally:
@@ -232,6 +267,40 @@ class RelaySession:
             await close_quietly(
                 upstream, CloseCode.NORMAL, relay.settings.upstream.close_timeout_seconds
             )
+
+    async def _watch(self, tier: TierSettings, meter: SessionMeter) -> None:
+        """End the session when it has run too long, been idle too long, or the relay drains."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            deadlines = []
+            if tier.max_session_seconds is not None:
+                deadlines.append((started + tier.max_session_seconds, "session_expired"))
+            if tier.idle_timeout_seconds is not None:
+                idle_at = meter.last_activity - time.perf_counter() + loop.time()
+                deadlines.append((idle_at + tier.idle_timeout_seconds, "session_idle"))
+            wake, code = min(deadlines) if deadlines else (None, "")
+            try:
+                async with asyncio.timeout_at(wake):
+                    await self.stopping.wait()
+            except TimeoutError:
+                if code == "session_idle" and tier.idle_timeout_seconds is not None:
+                    idle = time.perf_counter() - meter.last_activity
+                    if idle < tier.idle_timeout_seconds:
+                        continue  # activity since the deadline was set
+                    raise SessionEndedError(
+                        f"the session was idle for {tier.idle_timeout_seconds:.0f} s", code=code
+                    ) from None
+                raise SessionEndedError(
+                    f"the session reached its {tier.max_session_seconds:.0f} s limit", code=code
+                ) from None
+            raise ShuttingDownError("the relay is restarting; reconnect")
+
+    async def warn(self, error: RelayError) -> None:
+        """Send `error` as a warning; the session goes on. Never raises."""
+        if self.client_open:
+            with contextlib.suppress(_Ended):
+                await self._send_error(error)
 
     async def _start_session(self, upstream: ClientConnection, policy: SessionPolicy) -> None:
         """Wait for `session.created`, show it (redacted) to the client, inject the server's."""
