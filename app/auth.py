@@ -1,25 +1,65 @@
-"""Client authentication: who is connecting, and which tier they get.
+"""Client authentication: who is connecting, from where, and which tier they get.
 
-A client presents a credential as `Authorization: Bearer <key>` or, from a browser, as the
-subprotocol `openai-insecure-api-key.<key>` next to `realtime` (REALTIME.md §1.2). Keys come from
-`RELAY_CLIENT_KEYS`, plaintext or `sha256:<hex>`, and are compared in constant time. A client with
-no credential gets `RELAY_ANONYMOUS_TIER`, if one is set. The credential is never sent upstream.
+A client presents a credential as `Authorization: Bearer <credential>` or, from a browser, as the
+subprotocol `openai-insecure-api-key.<credential>` next to `realtime` (REALTIME.md §1.2). The
+credential is never sent upstream. `Authenticator.authenticate` accepts, in this order:
+
+- a client key from `RELAY_CLIENT_KEYS` (plaintext or `sha256:<hex>`), compared in constant time
+  against every entry; the client id is ``key:`` + 16 hex digits of the key's SHA-256;
+- a relay-minted token, ``ek_<payload>.<mac>`` (`Authenticator.mint`, served by
+  `app.client_secrets`): HMAC-SHA256 with `RELAY_TOKEN_SECRET` over the tier, client id, expiry
+  and a nonce. The payload is readable (like a JWT's), not secret;
+- a JWT from an app's own login (`RELAY_JWT__*`): HS256 with a secret or RS256/ES256 with a PEM
+  public key; ``exp`` and ``sub`` are required (client id ``sub:`` + sub) and the tier claim must
+  name a configured tier. A token without the claim is refused rather than given a default tier:
+  the issuer is misconfigured, and guessing a tier would hide it.
+
+A client with no credential gets `RELAY_ANONYMOUS_TIER`, if one is set. `check_origin` refuses
+browsers from origins not allowed (cross-site WebSocket hijacking).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
-from collections.abc import Iterable
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from enum import StrEnum
+from typing import Any, Final
+from urllib.parse import urlsplit
 
-from app.config import Settings
-from app.errors import UnauthorizedError, UnsupportedClientError
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from app.config import ConfigError, Settings
+from app.errors import OriginNotAllowedError, UnauthorizedError, UnsupportedClientError
+
+logger = logging.getLogger(__name__)
 
 KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
 BETA_SUBPROTOCOL: Final = "openai-beta.realtime-v1"
 ANONYMOUS: Final = "anonymous"
+MINTED_PREFIX: Final = "ek_"
+# RFC 7518 §3.2: an HMAC-SHA256 key must be at least as long as the hash output.
+MIN_SECRET_BYTES: Final = 32
+_MAC_CONTEXT: Final = b"realtime-relay ek v1."
+_DEFAULT_PORTS: Final = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+
+
+class CredentialKind(StrEnum):
+    """What a client authenticated with."""
+
+    ANONYMOUS = "anonymous"
+    KEY = "key"
+    MINTED = "minted"
+    JWT = "jwt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +68,19 @@ class Identity:
 
     tier: str
     client_id: str
+    kind: CredentialKind = CredentialKind.KEY
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def credential_from(
@@ -52,9 +101,9 @@ def credential_from(
             )
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                credential = token.strip()
+            token = bearer_token(value.decode("latin-1"))
+            if token is not None:
+                credential = token
         elif name == b"openai-beta":
             raise UnsupportedClientError(
                 "the relay speaks the GA Realtime protocol only; drop the OpenAI-Beta header"
@@ -62,8 +111,67 @@ def credential_from(
     return credential
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, if it is one."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _endpoint(scheme: str, netloc: str) -> tuple[str, int | None] | None:
+    """(host, port) of `netloc`, the port defaulting to the scheme's; None if unparsable."""
+    try:
+        parts = urlsplit("//" + netloc)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    return (host, port or _DEFAULT_PORTS.get(scheme)) if host else None
+
+
+def _normalise_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+def check_origin(headers: Iterable[tuple[bytes, bytes]], allowed_origins: Sequence[str]) -> None:
+    """Refuse a browser whose page is not an allowed origin.
+
+    Browsers always send `Origin` on a WebSocket handshake and a page cannot forge it, so this
+    stops cross-site WebSocket hijacking (RFC 6455 §10.2). A request passes when it has no
+    `Origin` (not a browser), when its origin is listed exactly as ``scheme://host[:port]`` or
+    the list holds ``"*"``, or when it is the relay's own origin: the origin's ``host[:port]``
+    equals the request's `Host` (or `X-Forwarded-Host`, set by a proxy that rewrites `Host`; a
+    page cannot set either), as for the bundled page.
+
+    Raises:
+        OriginNotAllowedError: the origin is none of those.
+    """
+    origins: list[str] = []
+    hosts: list[str] = []
+    for name, value in headers:
+        if name == b"origin":
+            origins.append(value.decode("latin-1"))
+        elif name in (b"host", b"x-forwarded-host"):
+            hosts.extend(host.strip().lower() for host in value.decode("latin-1").split(","))
+    if not origins or "*" in allowed_origins:
+        return
+    allowed = {_normalise_origin(origin) for origin in allowed_origins}
+    for origin in origins:
+        normalised = _normalise_origin(origin)
+        if normalised in allowed:
+            continue
+        parts = urlsplit(normalised)
+        own = _endpoint(parts.scheme, parts.netloc)
+        if own is not None and any(_endpoint(parts.scheme, host) == own for host in hosts):
+            continue
+        raise OriginNotAllowedError(f"origin {origin[:100]!r} may not use this relay")
+
+
 class Authenticator:
-    """Maps credentials to identities; built once from the settings."""
+    """Maps credentials to identities and mints short-lived tokens; built once from settings.
+
+    Raises:
+        ConfigError: a secret is too short, or the JWT key does not fit the algorithms.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._keys: list[tuple[bytes, str]] = []
@@ -71,22 +179,158 @@ class Authenticator:
             digest = bytes.fromhex(key[7:]) if key.startswith("sha256:") else _digest(key)
             self._keys.append((digest, tier))
         self.anonymous_tier = settings.anonymous_tier
+        self.tiers = frozenset(settings.tiers)
+        self.token_ttl = settings.token_ttl_seconds
+        if settings.token_secret is not None:
+            self._token_secret = settings.token_secret.get_secret_value().encode()
+            if len(self._token_secret) < MIN_SECRET_BYTES:
+                raise ConfigError(f"RELAY_TOKEN_SECRET: use at least {MIN_SECRET_BYTES} bytes")
+            self._secret_is_local = False
+        else:
+            self._token_secret = secrets.token_bytes(MIN_SECRET_BYTES)
+            self._secret_is_local = True
+        self._jwt = settings.jwt
+        self._jwt_keys = _jwt_keys(settings)
+
+    # Authentication
 
     def authenticate(self, credential: str | None) -> Identity:
         """The identity behind `credential` (None: the client presented none).
 
         Raises:
-            UnauthorizedError: an unknown key, or no key where anonymous clients are refused.
+            UnauthorizedError: an unknown key, an expired or forged token, or no credential
+                where anonymous clients are refused. The message is safe to show.
         """
         if credential is None:
             if not self.anonymous_tier:
                 raise UnauthorizedError("this relay needs a client key")
-            return Identity(tier=self.anonymous_tier, client_id=ANONYMOUS)
+            return Identity(self.anonymous_tier, ANONYMOUS, CredentialKind.ANONYMOUS)
         digest = _digest(credential)
         found = None
         for known, tier in self._keys:  # every entry is compared: the time does not tell which
             if hmac.compare_digest(known, digest):
                 found = (known, tier)
-        if found is None:
-            raise UnauthorizedError("unknown client key")
-        return Identity(tier=found[1], client_id="key:" + found[0].hex()[:16])
+        if found is not None:
+            return Identity(found[1], "key:" + found[0].hex()[:16], CredentialKind.KEY)
+        if credential.startswith(MINTED_PREFIX):
+            return self._verify_minted(credential)
+        if credential.count(".") == 2 and self._jwt_keys:
+            return self._verify_jwt(credential)
+        raise UnauthorizedError("unknown client key")
+
+    def _known_tier(self, tier: object) -> str:
+        if not isinstance(tier, str) or tier not in self.tiers:
+            raise UnauthorizedError("the token's tier is not served by this relay")
+        return tier
+
+    # Minted tokens
+
+    def _mac(self, payload: str) -> str:
+        mac = hmac.new(self._token_secret, _MAC_CONTEXT + payload.encode("ascii"), "sha256")
+        return _b64encode(mac.digest())
+
+    def mint(self, identity: Identity, ttl_seconds: int | None = None) -> tuple[str, int]:
+        """A short-lived ``ek_`` token for `identity`'s tier and client id.
+
+        Args:
+            identity: whom the token stands for; sessions opened with it count against the
+                same per-client cap.
+            ttl_seconds: the lifetime, at most (and by default) `RELAY_TOKEN_TTL_SECONDS`.
+
+        Returns:
+            The token and its expiry (Unix seconds).
+        """
+        if self._secret_is_local:
+            self._secret_is_local = False  # warn once
+            logger.warning(
+                "RELAY_TOKEN_SECRET is not set: minted tokens use a per-process secret and only "
+                "work on the replica that minted them, until it restarts"
+            )
+        ttl = self.token_ttl if ttl_seconds is None else max(1, min(ttl_seconds, self.token_ttl))
+        expires_at = int(time.time()) + ttl
+        claims = {"t": identity.tier, "c": identity.client_id, "e": expires_at}
+        claims["n"] = secrets.token_urlsafe(12)
+        payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{MINTED_PREFIX}{payload}.{self._mac(payload)}", expires_at
+
+    def _verify_minted(self, token: str) -> Identity:
+        payload, _, mac = token[len(MINTED_PREFIX) :].partition(".")
+        try:
+            # compare_digest on str needs ASCII; a non-ASCII token is forged anyway.
+            valid = hmac.compare_digest(self._mac(payload), mac)
+        except (TypeError, UnicodeEncodeError):
+            valid = False
+        if not valid:
+            raise UnauthorizedError("invalid token")
+        try:
+            claims: Any = json.loads(_b64decode(payload))
+            tier, client_id, expires_at = claims["t"], claims["c"], claims["e"]
+        except (ValueError, binascii.Error, KeyError, TypeError):
+            raise UnauthorizedError("invalid token") from None
+        if not isinstance(client_id, str) or not isinstance(expires_at, int):
+            raise UnauthorizedError("invalid token")
+        if expires_at <= time.time():
+            raise UnauthorizedError("the token has expired")
+        return Identity(self._known_tier(tier), client_id, CredentialKind.MINTED)
+
+    # JWTs
+
+    def _verify_jwt(self, token: str) -> Identity:
+        settings = self._jwt
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            if not isinstance(algorithm, str) or algorithm not in self._jwt_keys:
+                raise UnauthorizedError("invalid token")
+            key = self._jwt_keys[algorithm]
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=settings.audience,
+                issuer=settings.issuer,
+                leeway=settings.leeway_seconds,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise UnauthorizedError("the token has expired") from None
+        except jwt.PyJWTError:
+            raise UnauthorizedError("invalid token") from None
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject:
+            raise UnauthorizedError("invalid token")
+        if settings.tier_claim not in claims:
+            raise UnauthorizedError(f"the token has no {settings.tier_claim!r} claim")
+        tier = self._known_tier(claims[settings.tier_claim])
+        return Identity(tier, "sub:" + subject, CredentialKind.JWT)
+
+
+def _jwt_keys(settings: Settings) -> dict[str, Any]:
+    """Algorithm -> verification key, for the algorithms a key is configured for.
+
+    Each algorithm gets only its own kind of key, so a public key is never tried as an HMAC
+    secret (the algorithm-confusion attack).
+    """
+    config = settings.jwt
+    keys: dict[str, Any] = {}
+    if config.secret is not None and "HS256" in config.algorithms:
+        secret = config.secret.get_secret_value().encode()
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"RELAY_JWT__SECRET: use at least {MIN_SECRET_BYTES} bytes")
+        keys["HS256"] = secret
+    if config.public_key is not None:
+        try:
+            public_key = load_pem_public_key(config.public_key.encode())
+        except ValueError:
+            raise ConfigError("RELAY_JWT__PUBLIC_KEY: not a PEM public key") from None
+        if "RS256" in config.algorithms and isinstance(public_key, rsa.RSAPublicKey):
+            keys["RS256"] = public_key
+        if "ES256" in config.algorithms and isinstance(public_key, ec.EllipticCurvePublicKey):
+            if not isinstance(public_key.curve, ec.SECP256R1):
+                raise ConfigError("RELAY_JWT__PUBLIC_KEY: ES256 needs a P-256 key")
+            keys["ES256"] = public_key
+        if not set(keys) & {"RS256", "ES256"}:
+            raise ConfigError(
+                "RELAY_JWT__PUBLIC_KEY: the key fits none of RELAY_JWT__ALGORITHMS "
+                "(RS256 needs an RSA key, ES256 a P-256 key)"
+            )
+    return keys

@@ -105,6 +105,9 @@ class SessionSettings(_Section):
     transcription: dict[str, Any] | None = {"model": "gpt-4o-mini-transcribe"}
     noise_reduction: dict[str, Any] | None = None
     max_output_tokens: int | Literal["inf"] = "inf"
+    # A client sending G.711 gets an audio/pcmu|pcma upstream session (no conversion, the model
+    # hears the line as it is); False converts its audio to PCM16 24 kHz instead.
+    g711_passthrough: bool = True
     # Any further GA session fields, merged last (e.g. {"truncation": "auto"}).
     extra: dict[str, Any] = {}
 

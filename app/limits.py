@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from app.config import ConfigError, Settings
 from app.errors import LimiterUnavailableError, SessionLimitError
@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 SOCKET_TIMEOUT_SECONDS: Final = 1.0
 OPERATION_TIMEOUT_SECONDS: Final = 3.0
 SENTINEL_PORT: Final = 26379
+# What a store failure can raise: redis-py's errors, its Cluster errors (not `RedisError`s) and
+# socket errors (including `TimeoutError` from the overall bound).
+_STORE_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 
 _Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -288,7 +291,7 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(OPERATION_TIMEOUT_SECONDS):
                 result = await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:  # OSError covers TimeoutError from asyncio.timeout
+        except _STORE_ERRORS as exc:
             logger.debug("limits store error: %s", type(exc).__name__, exc_info=True)
             raise LimiterUnavailableError(
                 "the session limits store is unavailable; retry shortly"
@@ -323,7 +326,7 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(OPERATION_TIMEOUT_SECONDS):
                 return bool(await self.client.ping())
-        except (RedisError, OSError):
+        except _STORE_ERRORS:
             return False
 
     async def aclose(self) -> None:
@@ -355,10 +358,11 @@ async def admit(
         return None
     try:
         return await limiter.acquire(caps)
-    except LimiterUnavailableError:
+    except LimiterUnavailableError as exc:
         if not fail_open:
             raise
-        log.warning("limits store unavailable: admitted without a lease (fail open)")
+        cause = type(exc.__cause__).__name__ if exc.__cause__ is not None else "unknown"
+        log.warning("limits store unavailable (%s): admitted without a lease (fail open)", cause)
         return None
 
 
@@ -367,6 +371,8 @@ async def heartbeat(limiter: Limiter, lease: Lease, interval: float, *, log: _Lo
 
     Run it in the session's task group. A store outage never ends the session: the failure is
     logged and the next beat tries again; a lease found lost is re-established and logged.
+    Cancel it before releasing the lease: a renewal that landed after the release would take the
+    slots again (for one TTL at most).
     """
     while True:
         await asyncio.sleep(interval)

@@ -25,9 +25,10 @@ from prometheus_client import make_asgi_app
 from starlette.routing import WebSocketRoute
 
 from app.auth import credential_from
+from app.client_secrets import client_secrets_router
 from app.config import Settings, load_settings
 from app.errors import RelayError
-from app.limits import Limiter, MemoryLimiter
+from app.limits import make_limiter
 from app.logs import configure_logging
 from app.metrics import RelayMetrics
 from app.relay import Relay
@@ -36,11 +37,6 @@ from app.wire import OUTPUT_CODECS
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-
-
-def make_limiter(settings: Settings) -> Limiter:
-    """The limiter the settings ask for."""
-    return MemoryLimiter()
 
 
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
@@ -67,11 +63,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the relay app. Without `settings`, they are read from the environment."""
     settings = settings if settings is not None else load_settings()
     metrics = RelayMetrics(settings)
-    relay = Relay(settings, metrics)
+    relay = Relay(settings, metrics, make_limiter(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        relay.limiter = make_limiter(settings)
         if settings.upstream.demo:
             logger.warning(
                 "DEMO MODE: no OPENAI_API_KEY; sessions go to the local echo upstream at %s",
@@ -106,10 +101,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz() -> JSONResponse:
         if relay.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if relay.limiter is None or not await relay.limiter.ready():
+        if not await relay.limiter.ready():
             return JSONResponse({"status": "limiter unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    app.include_router(client_secrets_router(relay.auth, settings))
     app.mount("/metrics", make_asgi_app(metrics.registry), name="metrics")
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from app.auth import Authenticator, Identity, credential_from
+from app.auth import Authenticator, Identity, check_origin, credential_from
 from app.config import Settings, TierSettings
 from app.errors import (
     AdmissionError,
@@ -42,7 +42,7 @@ from app.errors import (
     UpstreamError,
     event_for,
 )
-from app.limits import Cap, Lease, Limiter
+from app.limits import Lease, Limiter, admit, heartbeat, session_caps
 from app.metrics import RelayMetrics, SessionMeter
 from app.protocol import SessionPolicy
 from app.upstream import Upstream, close_quietly
@@ -93,9 +93,7 @@ class _Ended(Exception):
 class Relay:
     """Everything the sessions share: settings, upstream, policy inputs, limiter, metrics."""
 
-    def __init__(
-        self, settings: Settings, metrics: RelayMetrics, limiter: Limiter | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: RelayMetrics, limiter: Limiter) -> None:
         self.settings = settings
         self.metrics = metrics
         self.limiter = limiter
@@ -109,17 +107,6 @@ class Relay:
 
     def event_id(self) -> str:
         return f"event_relay_{next(self._event_ids)}"
-
-    def caps(self, identity: Identity, model: str) -> list[Cap]:
-        """The concurrency caps a session of `identity` on `model` holds a slot in."""
-        tier = self.settings.tiers[identity.tier]
-        caps = []
-        if tier.max_sessions is not None:
-            caps.append(Cap(f"tier:{identity.tier}", tier.max_sessions, "tier"))
-        if tier.max_sessions_per_client is not None:
-            key = f"client:{identity.tier}:{identity.client_id}"
-            caps.append(Cap(key, tier.max_sessions_per_client, "client"))
-        return caps
 
     async def drain(self, window: float) -> None:
         """Stop admitting, warn live sessions, and close those left after `window` with 1012."""
@@ -178,14 +165,18 @@ class RelaySession:
         try:
             if relay.draining:
                 raise ShuttingDownError("the relay is shutting down; reconnect")
+            settings = relay.settings
+            check_origin(self.scope["headers"], settings.allowed_origins)
             identity = relay.auth.authenticate(credential_from(self.scope["headers"], offered))
             tier = identity.tier
             self.log.extra = {"session": self.id, "tier": tier}
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
             model = self._model(identity, query)
-            if relay.limiter is not None:
-                lease = await relay.limiter.acquire(relay.caps(identity, model))
-            await self._serve(identity, model, await self._audio(query))
+            caps = session_caps(settings, tier, identity.client_id, model)
+            lease = await admit(
+                relay.limiter, caps, fail_open=settings.limits_fail_open, log=self.log
+            )
+            await self._serve(identity, model, await self._audio(query), lease)
         except (AdmissionError, LimiterUnavailableError, ShuttingDownError) as exc:
             relay.metrics.reject(tier, _REJECTION_REASONS.get(exc.code, "protocol"))
             self.log.info("refused: %s", exc.code)
@@ -199,7 +190,7 @@ class RelaySession:
             self.log.exception("session failed")
             await self._close(CloseCode.INTERNAL, RelayError("internal relay error"))
         finally:
-            if lease is not None and relay.limiter is not None:
+            if lease is not None:
                 await relay.limiter.release(lease)
 
     def _model(self, identity: Identity, query: dict[str, list[str]]) -> str:
@@ -214,12 +205,15 @@ class RelaySession:
     async def _audio(self, query: dict[str, list[str]]) -> ClientAudio:
         """The session's codecs; bad parameters are reported and the defaults used instead."""
         try:
-            return ClientAudio(audio_options(query))
+            passthrough = self.relay.settings.session.g711_passthrough
+            return ClientAudio(audio_options(query, passthrough))
         except InvalidAudioError as exc:
             await self._send_error(exc)
             return ClientAudio(AudioOptions())
 
-    async def _serve(self, identity: Identity, model: str, audio: ClientAudio) -> None:
+    async def _serve(
+        self, identity: Identity, model: str, audio: ClientAudio, lease: Lease | None
+    ) -> None:
         relay = self.relay
         started = time.perf_counter()
         self.upstream = upstream = await relay.upstream.connect(model)
@@ -247,6 +241,9 @@ class RelaySession:
                 group.create_task(self._client_to_upstream(upstream, policy, meter, audio))
                 group.create_task(self._upstream_to_client(upstream, policy, meter, audio))
                 group.create_task(self._watch(relay.settings.tiers[identity.tier], meter))
+                if lease is not None:
+                    interval = relay.settings.lease_ttl_seconds / 3
+                    group.create_task(heartbeat(relay.limiter, lease, interval, log=self.log))
         except* _Ended as ended:
             end = ended.exceptions[0]
             assert isinstance(end, _Ended)
@@ -343,6 +340,10 @@ class RelaySession:
                     await self._send_error(exc)
                     continue
                 try:
+                    if event_type == "input_audio_buffer.commit" and audio.decoder.samples:
+                        tail = audio.flush_event()
+                        if tail is not None:
+                            await forward(tail)
                     await forward(text)
                 except ConnectionClosed:
                     raise UpstreamClosedError("the upstream connection closed") from None

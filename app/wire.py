@@ -42,20 +42,24 @@ class AudioOptions:
     input_rate: int = 24_000
     output_codec: str = "json"
     output_bitrate: int = 32_000
+    g711_passthrough: bool = True
 
     @property
     def input_format(self) -> dict[str, Any]:
-        """The upstream's `audio.input.format`: G.711 passes through, all else is PCM 24 kHz."""
-        fmt = _G711_FORMATS.get(self.input_codec)
+        """The upstream's `audio.input.format`: G.711 may pass through, all else is PCM 24 kHz."""
+        fmt = _G711_FORMATS.get(self.input_codec) if self.g711_passthrough else None
         return {"type": fmt} if fmt else _PCM24K
 
     @property
     def output_format(self) -> dict[str, Any]:
+        """The upstream's `audio.output.format`: G.711 out is always the upstream's own bytes."""
         fmt = _G711_FORMATS.get(self.output_codec)
         return {"type": fmt} if fmt else _PCM24K
 
 
-def audio_options(query: Mapping[str, Sequence[str]]) -> AudioOptions:
+def audio_options(
+    query: Mapping[str, Sequence[str]], g711_passthrough: bool = True
+) -> AudioOptions:
     """Read the codec parameters of a connect URL.
 
     Raises:
@@ -76,7 +80,7 @@ def audio_options(query: Mapping[str, Sequence[str]]) -> AudioOptions:
         bitrate = int(one("output_bitrate", "32000"))
     except ValueError:
         raise InvalidAudioError("input_rate and output_bitrate are integers") from None
-    return AudioOptions(input_codec, rate, output_codec, bitrate)
+    return AudioOptions(input_codec, rate, output_codec, bitrate, g711_passthrough)
 
 
 class ClientAudio:
@@ -114,10 +118,19 @@ class ClientAudio:
             audio = self.decoder.decode(frame[1:])
         except AudioError as exc:
             raise InvalidAudioError(str(exc)) from None
-        if not audio:
+        return _append(audio)
+
+    def flush_event(self) -> str | None:
+        """Before a client commit: the audio the resampler still holds, as an append (or None).
+
+        Resampling holds a few tens of ms; without this the end of a push-to-talk turn would be
+        cut off.
+        """
+        try:
+            audio = self.decoder.flush()
+        except AudioError:
             return None
-        encoded = base64.b64encode(audio).decode("ascii")
-        return '{"type":"input_audio_buffer.append","audio":"' + encoded + '"}'
+        return _append(audio)
 
     def delta_frames(self, text: str) -> tuple[str, list[bytes]]:
         """Split a `response.output_audio.delta` into its JSON (audio removed) and binary frames."""
@@ -156,3 +169,10 @@ class ClientAudio:
         event["relay_audio"] = {**self._relay_audio, "samples": samples, "frames": len(frames)}
         header = bytes((AUDIO_OUT,))
         return json.dumps(event, separators=(",", ":")), [header + frame for frame in frames]
+
+
+def _append(audio: bytes) -> str | None:
+    if not audio:
+        return None
+    encoded = base64.b64encode(audio).decode("ascii")
+    return '{"type":"input_audio_buffer.append","audio":"' + encoded + '"}'

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import uvicorn
 
 from app.config import Settings
 from app.local_upstream import LocalUpstream
 from app.main import create_app, server_config
+from tests.audio_tools import resample, speech_wav
+from tests.redis_server import RedisServer
 
 UPSTREAM_KEY = "sk-test-upstream-0123456789"
 START_TIMEOUT = 10.0
@@ -113,3 +116,24 @@ async def relay(
     relay_factory: Callable[[Settings], Awaitable[RelayServer]], upstream: LocalUpstream
 ) -> RelayServer:
     return await relay_factory(relay_settings(upstream.url))
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private, empty redis-server on a free port (never the shared one), stopped after."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], np.ndarray]:
+    """A factory: rate in Hz -> espeak-ng speech as int16 at that rate (made once per run)."""
+    source, source_rate = speech_wav(tmp_path_factory.mktemp("speech") / "speech.wav")
+    cache: dict[int, np.ndarray] = {}
+
+    def at(rate: int) -> np.ndarray:
+        if rate not in cache:
+            cache[rate] = resample(source, source_rate, rate)
+        return cache[rate]
+
+    return at

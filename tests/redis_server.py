@@ -39,13 +39,16 @@ class RedisServer:
     """A `redis-server` subprocess on 127.0.0.1, started by the constructor.
 
     Args:
-        options: further `redis-server` arguments.
+        options: further `redis-server` arguments (``"--sentinel"`` for a Sentinel).
+        config: the text of a config file to start from.
         executable: the server binary (default: `redis-server` on PATH).
 
     Fails (never skips) when `redis-server` is not installed: the limits tests need it.
     """
 
-    def __init__(self, *options: str, executable: str | None = None) -> None:
+    def __init__(
+        self, *options: str, config: str | None = None, executable: str | None = None
+    ) -> None:
         found = executable or shutil.which("redis-server")
         if found is None:
             raise RuntimeError(
@@ -56,6 +59,10 @@ class RedisServer:
         self.options = options  # further redis-server arguments, e.g. "--cluster-enabled", "yes"
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
+        self.config_file: Path | None = None
+        if config is not None:  # Sentinel insists on a config file it can rewrite
+            self.config_file = self.dir / "redis.conf"
+            self.config_file.write_text(config)
         self.process: subprocess.Popen[bytes] | None = None
         try:
             self.start()
@@ -77,6 +84,7 @@ class RedisServer:
             return
         command = [
             self.executable,
+            *([str(self.config_file)] if self.config_file is not None else []),
             "--port",
             str(self.port),
             "--bind",

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import av
 import numpy as np
@@ -22,84 +19,7 @@ from app.audio import (
     ulaw_decode,
     ulaw_encode,
 )
-
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. "
-    "Please relay this sentence to the realtime model, then read back the answer."
-)
-
-
-@pytest.fixture(scope="session")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], np.ndarray]:
-    """Return a factory: rate in Hz -> espeak-ng speech as int16 at that rate."""
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(path), TEXT], check=True, timeout=60)
-    with wave.open(str(path)) as w:
-        assert (w.getnchannels(), w.getsampwidth()) == (1, 2)
-        source_rate = w.getframerate()
-        source = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    cache: dict[int, np.ndarray] = {}
-
-    def at(rate: int) -> np.ndarray:
-        if rate not in cache:
-            cache[rate] = soxr.resample(source, source_rate, rate, quality="VHQ")
-        return cache[rate]
-
-    return at
-
-
-def _pyav_opus_packets(pcm: np.ndarray, rate: int, bitrate: int = 32000) -> list[bytes]:
-    """Encode int16 mono with PyAV's libopus into raw 20 ms packets, as WebCodecs sends them."""
-    enc = av.CodecContext.create("libopus", "w")
-    enc.sample_rate, enc.layout, enc.format, enc.bit_rate = rate, "mono", "s16", bitrate
-    enc.options = {"frame_duration": "20", "application": "voip"}
-    enc.open()
-    n = enc.frame_size
-    assert n == rate // 50
-    padded = np.concatenate([pcm, np.zeros(-len(pcm) % n, np.int16)])
-    packets: list[bytes] = []
-    for i in range(0, len(padded), n):
-        frame = av.AudioFrame.from_ndarray(
-            padded[None, i : i + n].copy(), format="s16", layout="mono"
-        )
-        frame.sample_rate, frame.pts = rate, i
-        packets.extend(bytes(p) for p in enc.encode(frame))
-    packets.extend(bytes(p) for p in enc.encode(None))
-    return packets
-
-
-def _pyav_opus_decode(packets: list[bytes]) -> tuple[np.ndarray, list[int]]:
-    """Decode raw Opus packets with PyAV (48 kHz); return samples and per-packet sample counts."""
-    dec = av.CodecContext.create("libopus", "r")
-    dec.layout, dec.format = "mono", "s16"
-    chunks: list[np.ndarray] = []
-    counts: list[int] = []
-    for packet in packets:
-        frames = dec.decode(av.Packet(packet))
-        counts.append(sum(f.samples for f in frames))
-        chunks.extend(f.to_ndarray()[0] for f in frames)
-    return np.concatenate(chunks), counts
-
-
-def _envelope(x: np.ndarray, rate: int) -> np.ndarray:
-    """RMS over consecutive 20 ms windows."""
-    n = rate // 50
-    x = x[: len(x) - len(x) % n].astype(np.float64)
-    return np.sqrt((x.reshape(-1, n) ** 2).mean(axis=1))
-
-
-def _envelope_r(got: np.ndarray, ref: np.ndarray, rate: int, max_lag_ms: int = 40) -> float:
-    """Best Pearson r of 20 ms RMS envelopes over lags (1 ms steps) that absorb codec delay."""
-    best = -1.0
-    step = rate // 1000
-    for lag in range(0, max_lag_ms * step + 1, step):
-        a, b = got[lag:], ref
-        n = min(len(a), len(b))
-        ea, eb = _envelope(a[:n], rate), _envelope(b[:n], rate)
-        best = max(best, float(np.corrcoef(ea, eb)[0, 1]))
-    return best
+from tests.audio_tools import envelope_r, opus_decode, opus_packets
 
 
 def _uneven_chunks(data: bytes, sample_bytes: int = 2) -> Iterator[bytes]:
@@ -121,13 +41,13 @@ def _snr_db(ref: np.ndarray, got: np.ndarray) -> float:
 def test_opus_packets_decode_to_pcm24k(speech, rate):
     """Real Opus packets decode to 24 kHz PCM16 with the source's duration and envelope."""
     source = speech(rate)
-    packets = _pyav_opus_packets(source, rate)
+    packets = opus_packets(source, rate)
     decoder = make_decoder("opus", rate, "pcm")
     out = b"".join(decoder.decode(p) for p in packets) + decoder.flush()
     pcm = np.frombuffer(out, "<i2")
     assert decoder.samples == len(pcm)
     assert abs(len(pcm) / 24000 - len(source) / rate) < 0.05 * len(source) / rate
-    assert _envelope_r(pcm, speech(24000), 24000) > 0.9
+    assert envelope_r(pcm, speech(24000), 24000) > 0.9
 
 
 @pytest.mark.parametrize("rate", [48000, 16000, 24000])
@@ -141,7 +61,7 @@ def test_pcm_in_uneven_chunks_resamples_to_24k(speech, rate):
     assert abs(len(pcm) - len(source) * 24000 / rate) <= 4
     n = min(len(pcm), len(reference))
     assert np.corrcoef(pcm[:n].astype(float), reference[:n].astype(float))[0, 1] > 0.99
-    assert _envelope_r(pcm, reference, 24000, max_lag_ms=0) > 0.99
+    assert envelope_r(pcm, reference, 24000, max_lag_ms=0) > 0.99
 
 
 def test_opus_encoder_round_trips(speech):
@@ -156,15 +76,15 @@ def test_opus_encoder_round_trips(speech):
     assert encoder.pending == 0
     assert encoder.samples == len(packets) * FRAME_SAMPLES
     assert 0 <= encoder.samples - len(source) < FRAME_SAMPLES
-    decoded, counts = _pyav_opus_decode(packets)
+    decoded, counts = opus_decode(packets)
     assert set(counts[1:]) == {960}  # 20 ms at 48 kHz each (the first may lose pre-skip).
     pcm24 = soxr.resample(decoded, 48000, 24000)
-    assert _envelope_r(pcm24, source, 24000) > 0.9
+    assert envelope_r(pcm24, source, 24000) > 0.9
     # Our own decoder reads our packets too.
     decoder = make_decoder("opus", 24000)
     ours = np.frombuffer(b"".join(decoder.decode(p) for p in packets), "<i2")
     assert len(ours) == encoder.samples
-    assert _envelope_r(ours, source, 24000) > 0.9
+    assert envelope_r(ours, source, 24000) > 0.9
 
 
 def test_opus_encoder_buffers_tail_and_resets():
@@ -253,10 +173,10 @@ def test_opus_to_g711_upstream(speech):
     """Opus input decodes straight to 8 kHz G.711 when the upstream session uses audio/pcmu."""
     source = speech(48000)
     decoder = make_decoder("opus", 48000, "pcmu")
-    out = b"".join(decoder.decode(p) for p in _pyav_opus_packets(source, 48000))
+    out = b"".join(decoder.decode(p) for p in opus_packets(source, 48000))
     pcm8 = np.frombuffer(ulaw_decode(out), "<i2")
     assert abs(len(pcm8) / 8000 - len(source) / 48000) < 0.05 * len(source) / 48000
-    assert _envelope_r(pcm8, speech(8000), 8000) > 0.9
+    assert envelope_r(pcm8, speech(8000), 8000) > 0.9
 
 
 @pytest.mark.parametrize("frame", [b"\x01", b"\x01\x02\x03"], ids=["one-byte", "three-bytes"])
@@ -303,7 +223,7 @@ def test_unsupported_output_is_refused(kwargs):
 
 def test_bad_opus_packet_leaves_decoder_state_intact(speech):
     """After a bad packet, later good packets decode bit-exactly as if it had never arrived."""
-    packets = _pyav_opus_packets(speech(48000)[:48000], 48000)
+    packets = opus_packets(speech(48000)[:48000], 48000)
     clean, hit = make_decoder("opus", 48000), make_decoder("opus", 48000)
     expected = [clean.decode(p) for p in packets]
     got = []

@@ -1,0 +1,446 @@
+"""Client auth: keys, JWTs, minted `ek_` tokens, Origin, and the client_secrets endpoint (HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+import jwt
+import pytest
+import uvicorn
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi import FastAPI
+
+from app.auth import (
+    ANONYMOUS,
+    Authenticator,
+    CredentialKind,
+    Identity,
+    check_origin,
+    credential_from,
+)
+from app.client_secrets import client_secrets_router
+from app.config import ConfigError, Settings
+from app.errors import OriginNotAllowedError, UnauthorizedError
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+
+KEY = "ck-test-pro-0123456789abcdef"
+FREE_KEY = "ck-test-free-0123456789abcdef"
+JWT_SECRET = "jwt-secret-for-tests-0123456789-abcdef"
+TOKEN_SECRET = "token-secret-for-tests-0123456789-abcdef"
+TIERS = {"pro": {"models": ["gpt-realtime", "gpt-realtime-mini"]}, "free": {}, "default": {}}
+START_TIMEOUT = 10.0
+
+
+def settings(**overrides: Any) -> Settings:
+    options: dict[str, Any] = {
+        "openai_api_key": "sk-test",
+        "tiers": TIERS,
+        "client_keys": {
+            KEY: "pro",
+            "sha256:" + hashlib.sha256(FREE_KEY.encode()).hexdigest(): "free",
+        },
+        "token_secret": TOKEN_SECRET,
+    }
+    options.update(overrides)
+    return Settings(**options)
+
+
+def hs256(claims: dict[str, Any], secret: str = JWT_SECRET) -> str:
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {"sub": "user-42", "tier": "pro", "exp": int(time.time()) + 60}
+    values.update(overrides)
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def public_pem(private_key: Any) -> str:
+    return str(
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+@pytest.fixture
+def auth() -> Authenticator:
+    return Authenticator(settings(jwt={"secret": JWT_SECRET}))
+
+
+# Client keys
+
+
+def test_plain_and_hashed_keys_map_to_their_tiers(auth: Authenticator) -> None:
+    """A plaintext key and a `sha256:` key each authenticate to their tier with a key-derived id."""
+    pro = auth.authenticate(KEY)
+    assert (pro.tier, pro.kind) == ("pro", CredentialKind.KEY)
+    assert pro.client_id == "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:16]
+    free = auth.authenticate(FREE_KEY)
+    assert free.tier == "free"
+    assert free.client_id == "key:" + hashlib.sha256(FREE_KEY.encode()).hexdigest()[:16]
+    assert KEY not in pro.client_id
+
+
+def test_unknown_key_is_unauthorized(auth: Authenticator) -> None:
+    """An unknown key is refused with `unauthorized` and a message that does not echo it."""
+    with pytest.raises(UnauthorizedError) as refused:
+        auth.authenticate("ck-nope")
+    assert refused.value.code == "unauthorized"
+    assert "ck-nope" not in refused.value.message
+
+
+def test_no_credential_gets_the_anonymous_tier_or_is_refused() -> None:
+    """No credential means the anonymous tier, or a refusal where there is none."""
+    assert Authenticator(settings()).authenticate(None) == Identity(
+        "default", ANONYMOUS, CredentialKind.ANONYMOUS
+    )
+    with pytest.raises(UnauthorizedError):
+        Authenticator(settings(anonymous_tier="")).authenticate(None)
+
+
+def test_credential_from_header_and_subprotocol() -> None:
+    """The credential comes from `Authorization: Bearer` or the browser's key subprotocol."""
+    assert credential_from([(b"authorization", b"Bearer abc")], []) == "abc"
+    assert credential_from([], ["realtime", "openai-insecure-api-key.ek_x.y"]) == "ek_x.y"
+    assert credential_from([(b"authorization", b"Basic abc")], []) is None
+
+
+# JWTs
+
+
+def test_jwt_valid(auth: Authenticator) -> None:
+    """An HS256 JWT with `sub`, `exp` and a known tier authenticates as `sub:<sub>`."""
+    identity = auth.authenticate(hs256(claims()))
+    assert identity == Identity("pro", "sub:user-42", CredentialKind.JWT)
+
+
+def test_jwt_expired(auth: Authenticator) -> None:
+    """An expired JWT (past the leeway) is refused as expired."""
+    with pytest.raises(UnauthorizedError, match="expired"):
+        auth.authenticate(hs256(claims(exp=int(time.time()) - 60)))
+
+
+def test_jwt_wrong_signature(auth: Authenticator) -> None:
+    """A JWT signed with another secret is refused."""
+    with pytest.raises(UnauthorizedError, match="invalid token"):
+        auth.authenticate(hs256(claims(), secret="another-secret-0123456789-0123456789"))
+
+
+def test_jwt_unknown_or_missing_tier(auth: Authenticator) -> None:
+    """A JWT naming a tier the relay does not serve, or no tier at all, is refused."""
+    with pytest.raises(UnauthorizedError, match="tier"):
+        auth.authenticate(hs256(claims(tier="platinum")))
+    with pytest.raises(UnauthorizedError, match="'tier' claim"):
+        auth.authenticate(hs256(claims(tier=None)))
+
+
+def test_jwt_requires_exp_and_sub(auth: Authenticator) -> None:
+    """A JWT without `exp` or without `sub` is refused."""
+    for token in (hs256(claims(exp=None)), hs256(claims(sub=None)), hs256(claims(sub=""))):
+        with pytest.raises(UnauthorizedError):
+            auth.authenticate(token)
+
+
+def test_jwt_custom_claim_audience_and_issuer() -> None:
+    """The tier claim's name, the audience and the issuer come from the settings."""
+    auth = Authenticator(
+        settings(
+            jwt={"secret": JWT_SECRET, "tier_claim": "plan", "audience": "relay", "issuer": "app"}
+        )
+    )
+    good = claims(tier=None, plan="free", aud="relay", iss="app")
+    assert auth.authenticate(hs256(good)).tier == "free"
+    for bad in ({**good, "aud": "other"}, {**good, "iss": "other"}, claims(tier=None, plan="free")):
+        with pytest.raises(UnauthorizedError):
+            auth.authenticate(hs256(bad))
+
+
+def test_jwt_rs256_and_es256_with_public_keys() -> None:
+    """RS256 and ES256 JWTs verify against the configured public key; other keys' do not."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    rsa_auth = Authenticator(
+        settings(jwt={"public_key": public_pem(rsa_key), "algorithms": ["RS256"]})
+    )
+    ec_auth = Authenticator(
+        settings(jwt={"public_key": public_pem(ec_key), "algorithms": ["ES256"]})
+    )
+    rs_token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+    es_token = jwt.encode(claims(), ec_key, algorithm="ES256")
+    assert rsa_auth.authenticate(rs_token).client_id == "sub:user-42"
+    assert ec_auth.authenticate(es_token).client_id == "sub:user-42"
+    with pytest.raises(UnauthorizedError):
+        rsa_auth.authenticate(es_token)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(UnauthorizedError):
+        rsa_auth.authenticate(jwt.encode(claims(), other, algorithm="RS256"))
+
+
+def test_jwt_algorithm_confusion_is_refused() -> None:
+    """An HS256 token 'signed' with the public key as secret is refused when only RS256 is on."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = public_pem(rsa_key)
+    auth = Authenticator(settings(jwt={"public_key": pem, "algorithms": ["RS256", "HS256"]}))
+    forged = jwt.api_jws.PyJWS().encode(json.dumps(claims()).encode(), b"x" * 32, algorithm="HS256")
+    with pytest.raises(UnauthorizedError):
+        auth.authenticate(forged)
+
+
+def test_bad_jwt_configuration_fails_at_startup() -> None:
+    """A short HS256 secret or an unusable public key is a configuration error."""
+    with pytest.raises(ConfigError, match="RELAY_JWT__SECRET"):
+        Authenticator(settings(jwt={"secret": "short"}))
+    with pytest.raises(ConfigError, match="RELAY_JWT__PUBLIC_KEY"):
+        Authenticator(settings(jwt={"public_key": "not a key", "algorithms": ["RS256"]}))
+    ec_pem = public_pem(ec.generate_private_key(ec.SECP256R1()))
+    with pytest.raises(ConfigError, match="fits none"):
+        Authenticator(settings(jwt={"public_key": ec_pem, "algorithms": ["RS256"]}))
+
+
+# Minted tokens
+
+
+def test_minted_token_authenticates_as_its_client(auth: Authenticator) -> None:
+    """A minted `ek_` token authenticates to the minting client's tier and id, on any replica
+    that shares the token secret."""
+    owner = auth.authenticate(KEY)
+    token, expires_at = auth.mint(owner)
+    assert token.startswith("ek_")
+    assert time.time() + 590 < expires_at <= time.time() + 600
+    replica = Authenticator(settings())
+    assert replica.authenticate(token) == Identity("pro", owner.client_id, CredentialKind.MINTED)
+
+
+async def test_minted_token_expires(auth: Authenticator) -> None:
+    """A minted token is refused as expired once its lifetime has passed."""
+    token, expires_at = auth.mint(auth.authenticate(KEY), ttl_seconds=1)
+    assert auth.authenticate(token).tier == "pro"
+    await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.05)
+    with pytest.raises(UnauthorizedError, match="expired"):
+        auth.authenticate(token)
+
+
+def test_tampered_minted_token_is_refused(auth: Authenticator) -> None:
+    """Changing a minted token's payload or signature makes it invalid."""
+    token, _ = auth.mint(auth.authenticate(FREE_KEY))
+    payload, mac = token[3:].split(".")
+    claims_ = json.loads(jwt.utils.base64url_decode(payload))
+    claims_["t"] = "pro"
+    upgraded = jwt.utils.base64url_encode(json.dumps(claims_).encode()).decode()
+    flipped = mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")
+    for forged in (
+        f"ek_{upgraded}.{mac}",
+        f"ek_{payload}.{flipped}",
+        f"ek_{payload}",
+        "ek_",
+        "ek_é.é",
+    ):
+        with pytest.raises(UnauthorizedError, match="invalid token"):
+            auth.authenticate(forged)
+
+
+def test_minted_token_with_another_secret_is_refused(auth: Authenticator) -> None:
+    """A token minted under another secret is refused."""
+    other = Authenticator(settings(token_secret="another-token-secret-0123456789-abcdef"))
+    token, _ = other.mint(other.authenticate(KEY))
+    with pytest.raises(UnauthorizedError, match="invalid token"):
+        auth.authenticate(token)
+
+
+def test_minted_token_for_a_removed_tier_is_refused() -> None:
+    """A token whose tier the relay no longer serves is refused."""
+    old = Authenticator(settings())
+    token, _ = old.mint(Identity("free", "key:abc"))
+    tiers: dict[str, Any] = {"pro": {}, "default": {}}
+    new = Authenticator(settings(tiers=tiers, client_keys={KEY: "pro"}))
+    with pytest.raises(UnauthorizedError, match="tier"):
+        new.authenticate(token)
+
+
+def test_without_a_token_secret_tokens_stay_on_their_replica(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no token secret, each process signs with its own secret and says so once."""
+    first, second = (
+        Authenticator(settings(token_secret=None)),
+        Authenticator(settings(token_secret=None)),
+    )
+    with caplog.at_level(logging.WARNING, logger="app.auth"):
+        token, _ = first.mint(first.authenticate(KEY))
+        first.mint(first.authenticate(KEY))
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "RELAY_TOKEN_SECRET" in caplog.records[0].message
+    assert first.authenticate(token).tier == "pro"
+    with pytest.raises(UnauthorizedError):
+        second.authenticate(token)
+    with pytest.raises(ConfigError, match="RELAY_TOKEN_SECRET"):
+        Authenticator(settings(token_secret="short"))
+
+
+# Origin
+
+
+def headers(
+    origin: str | None, host: str = "relay.example:8000", **extra: str
+) -> list[tuple[bytes, bytes]]:
+    result = [(b"host", host.encode())]
+    if origin is not None:
+        result.append((b"origin", origin.encode()))
+    result += [(name.replace("_", "-").encode(), value.encode()) for name, value in extra.items()]
+    return result
+
+
+def test_listed_origin_is_allowed() -> None:
+    """An origin in the list (exact scheme, host and port, case-insensitive) is allowed."""
+    allowed = ["https://app.example", "http://localhost:5173"]
+    check_origin(headers("https://app.example"), allowed)
+    check_origin(headers("HTTPS://App.Example"), allowed)
+    check_origin(headers("http://localhost:5173"), allowed)
+    check_origin(headers("https://evil.example"), ["*"])
+
+
+def test_unlisted_origin_is_refused() -> None:
+    """An origin not listed, differing in scheme or port, or `null`, is refused."""
+    allowed = ["https://app.example"]
+    for origin in (
+        "https://evil.example",
+        "http://app.example",
+        "https://app.example:8443",
+        "null",
+    ):
+        with pytest.raises(OriginNotAllowedError) as refused:
+            check_origin(headers(origin), allowed)
+        assert refused.value.code == "origin_not_allowed"
+        assert refused.value.close_code == 1008
+
+
+def test_own_origin_is_allowed() -> None:
+    """The relay's own origin (the bundled page) is allowed with an empty list, default ports
+    included, and behind a proxy that sets X-Forwarded-Host."""
+    check_origin(headers("http://relay.example:8000"), [])
+    check_origin(headers("https://relay.example", host="relay.example"), [])
+    check_origin(headers("https://relay.example", host="relay.example:443"), [])
+    check_origin(headers("http://[::1]:8000", host="[::1]:8000"), [])
+    check_origin(
+        headers("https://relay.example", host="10.0.0.5:8000", x_forwarded_host="relay.example"), []
+    )
+    with pytest.raises(OriginNotAllowedError):
+        check_origin(headers("http://relay.example:9000"), [])
+
+
+def test_absent_origin_passes() -> None:
+    """A request without Origin (not a browser) passes whatever the list says."""
+    check_origin(headers(None), ["https://app.example"])
+
+
+# The client_secrets endpoint, served over real HTTP
+
+
+ServerFactory = Callable[[FastAPI], Awaitable[str]]
+
+
+@pytest.fixture
+async def http_server_factory() -> AsyncIterator[ServerFactory]:
+    """Serves ASGI apps under uvicorn on pre-bound loopback sockets; returns their base URLs and
+    stops them after the test."""
+    running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(app: FastAPI) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        running.append((server, task))
+        with anyio.fail_after(START_TIMEOUT):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, task in reversed(running):
+        server.should_exit = True
+        with anyio.fail_after(START_TIMEOUT):
+            await task
+
+
+@pytest.fixture
+async def secrets_url(http_server_factory: ServerFactory) -> str:
+    config = settings()
+    app = FastAPI()
+    app.include_router(client_secrets_router(Authenticator(config), config))
+    return await http_server_factory(app) + "/v1/realtime/client_secrets"
+
+
+async def test_client_key_mints_a_token_for_its_tier(secrets_url: str) -> None:
+    """A good client key gets an `ek_` token, in OpenAI's shape, that authenticates to its tier."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(secrets_url, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["session"] == {"type": "realtime", "model": "gpt-realtime"}
+    assert body["value"].startswith("ek_")
+    assert time.time() + 590 < body["expires_at"] <= time.time() + 600
+    auth = Authenticator(settings())
+    identity = auth.authenticate(body["value"])
+    assert (identity.tier, identity.client_id) == ("pro", auth.authenticate(KEY).client_id)
+
+
+async def test_bad_key_gets_401(secrets_url: str) -> None:
+    """An unknown, missing or non-key credential gets a 401 with an OpenAI-shaped error body."""
+    token, _ = Authenticator(settings()).mint(Identity("pro", "key:abc"))
+    async with httpx.AsyncClient(timeout=10) as client:
+        for headers_ in (
+            {"Authorization": "Bearer ck-nope"},
+            {},
+            {"Authorization": f"Bearer {token}"},
+        ):
+            response = await client.post(secrets_url, headers=headers_)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "unauthorized"
+            assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_lifetime_and_model_requests(secrets_url: str) -> None:
+    """`expires_after` is honoured up to the configured TTL, a tier model may be chosen, and a
+    bad body or a model outside the tier gets a 400."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        short = await client.post(
+            secrets_url,
+            headers=auth,
+            json={
+                "expires_after": {"anchor": "created_at", "seconds": 60},
+                "session": {"type": "realtime", "model": "gpt-realtime-mini"},
+            },
+        )
+        long = await client.post(
+            secrets_url, headers=auth, json={"expires_after": {"seconds": 7200}}
+        )
+        bad_model = await client.post(
+            secrets_url, headers=auth, json={"session": {"model": "gpt-5"}}
+        )
+        bad_body = await client.post(secrets_url, headers=auth, content=b"{not json")
+    assert short.status_code == 200
+    assert short.json()["expires_at"] <= time.time() + 60
+    assert short.json()["session"]["model"] == "gpt-realtime-mini"
+    assert long.json()["expires_at"] <= time.time() + 600
+    assert bad_model.status_code == 400
+    assert bad_model.json()["error"]["code"] == "model_not_allowed"
+    assert bad_body.status_code == 400
