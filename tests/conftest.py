@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
+from asyncio.subprocess import Process
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -116,6 +120,67 @@ async def relay(
     relay_factory: Callable[[Settings], Awaitable[RelayServer]], upstream: LocalUpstream
 ) -> RelayServer:
     return await relay_factory(relay_settings(upstream.url))
+
+
+@dataclass
+class RelayProcess:
+    """A relay run as `python -m app` in a subprocess, for signal and multi-replica tests."""
+
+    process: Process
+    port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def exit_code(self) -> int:
+        async with asyncio.timeout(START_TIMEOUT):
+            return await self.process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def relay_process_factory() -> AsyncIterator[Callable[..., Awaitable[RelayProcess]]]:
+    """Starts `python -m app` with the given environment; kills what is left after the test."""
+    started: list[RelayProcess] = []
+
+    async def start(upstream_url: str, **env: str) -> RelayProcess:
+        port = _free_port()
+        environment = {
+            **os.environ,
+            "OPENAI_API_KEY": UPSTREAM_KEY,
+            "RELAY_UPSTREAM__URL": upstream_url,
+            "RELAY_PORT": str(port),
+            "RELAY_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", env=environment)
+        handle = RelayProcess(process, port)
+        started.append(handle)
+        async with httpx.AsyncClient() as client, asyncio.timeout(START_TIMEOUT):
+            while True:
+                try:
+                    if (await client.get(f"{handle.http_url}/healthz")).status_code == 200:
+                        return handle
+                except httpx.TransportError:
+                    pass
+                assert process.returncode is None, "the relay exited at start-up"
+                await asyncio.sleep(0.05)
+
+    yield start
+    for handle in started:
+        if handle.process.returncode is None:
+            handle.process.kill()
+            await handle.exit_code()
 
 
 @pytest.fixture
