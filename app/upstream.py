@@ -9,6 +9,7 @@ Failures of `websockets` are translated here, once, into `UpstreamError`s.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -19,6 +20,11 @@ from app.config import Settings, UpstreamKind
 from app.errors import UpstreamError, UpstreamRefusedError
 
 USER_AGENT = "realtime-relay/0.1"
+
+# websockets logs handshake headers (the key) and every frame (audio) at DEBUG: this logger
+# never emits below INFO, whatever the root level is.
+_WIRE_LOGGER = logging.getLogger(f"{__name__}.websocket")
+_WIRE_LOGGER.setLevel(logging.INFO)
 AZURE_GA_PATH = "/openai/v1/realtime"
 
 
@@ -92,6 +98,7 @@ class Upstream:
                 max_size=upstream.max_message_bytes,
                 compression="deflate" if upstream.compression else None,
                 max_queue=upstream.max_queue,
+                logger=_WIRE_LOGGER,
             )
         except InvalidStatus as exc:
             raise UpstreamRefusedError(exc.response.status_code) from exc

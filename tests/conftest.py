@@ -153,7 +153,7 @@ async def relay_process_factory() -> AsyncIterator[Callable[..., Awaitable[Relay
     """Starts `python -m app` with the given environment; kills what is left after the test."""
     started: list[RelayProcess] = []
 
-    async def start(upstream_url: str, **env: str) -> RelayProcess:
+    async def start(upstream_url: str, capture_logs: bool = False, **env: str) -> RelayProcess:
         port = _free_port()
         environment = {
             **os.environ,
@@ -163,7 +163,10 @@ async def relay_process_factory() -> AsyncIterator[Callable[..., Awaitable[Relay
             "RELAY_LOG_LEVEL": "WARNING",
             **env,
         }
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", env=environment)
+        stderr = asyncio.subprocess.PIPE if capture_logs else None
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "app", env=environment, stderr=stderr
+        )
         handle = RelayProcess(process, port)
         started.append(handle)
         async with httpx.AsyncClient() as client, asyncio.timeout(START_TIMEOUT):

@@ -21,6 +21,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
@@ -38,9 +39,6 @@ KUBERNETES_VERSION = "1.30"
 COMMAND_TIMEOUT = 60
 DUMMY_KEY = "sk-test-not-a-real-key"
 METRIC_NAME = re.compile(r"\brealtime_relay_[a-z0-9_]+")
-# Settings the deploy files set before app/config.py has a field for them (the drain is being
-# built); remove a name from here once Settings has it.
-PENDING_SETTINGS = {"drain_seconds"}
 
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -158,7 +156,7 @@ def _unknown_settings(variables: dict[str, str]) -> set[str]:
         if not name.startswith("RELAY_"):
             continue
         field = name.removeprefix("RELAY_").split("__")[0].lower()
-        if field not in Settings.model_fields and field not in PENDING_SETTINGS:
+        if field not in Settings.model_fields:
             unknown.add(name)
     return unknown
 
@@ -457,6 +455,24 @@ def test_alert_rules_use_existing_metrics() -> None:
         used |= set(METRIC_NAME.findall(path.read_text()))
     assert used
     assert used <= exposed, sorted(used - exposed)
+
+
+def test_scrape_path_serves_the_metrics() -> None:
+    """The path every scrape config uses answers 200 with the relay's metrics, not a redirect."""
+    (config,) = _yaml_documents(PROMETHEUS / "prometheus.yml")
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "realtime-relay"]
+    annotations = _resource("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    (monitor,) = _yaml_documents(SERVICE_MONITOR)
+    paths = {
+        job["metrics_path"],
+        annotations["prometheus.io/path"],
+        monitor["spec"]["endpoints"][0]["path"],
+    }
+    assert len(paths) == 1
+    with TestClient(create_app(Settings(openai_api_key="x"))) as client:
+        response = client.get(paths.pop(), follow_redirects=False)
+    assert response.status_code == 200
+    assert "realtime_relay_session_rejections_total" in response.text
 
 
 # --- Grafana ------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ from app.local_upstream.events import error_event
 from app.local_upstream.session import RealtimeSession
 
 logger = logging.getLogger(__name__)
+# websockets logs handshake headers (keys) and frames (audio) at DEBUG: never emit those.
+_WIRE_LOGGER = logging.getLogger(f"{__name__}.websocket")
+_WIRE_LOGGER.setLevel(logging.INFO)
 
 OPENAI_PATH = "/v1/realtime"
 AZURE_PATH = "/openai/v1/realtime"
@@ -147,6 +150,7 @@ class LocalUpstream:
             process_response=self._process_response,
             max_size=None,  # server events may exceed 1 MiB (REALTIME.md §1.1); accept any size
             compression=None,
+            logger=_WIRE_LOGGER,
         )
         logger.info("local upstream listening on %s", self.url)
         return self
