@@ -296,8 +296,9 @@ class RelaySession:
     async def warn(self, error: RelayError) -> None:
         """Send `error` as a warning; the session goes on. Never raises."""
         if self.client_open:
-            with contextlib.suppress(_Ended):
-                await self._send_error(error)
+            with contextlib.suppress(_Ended, TimeoutError):
+                async with asyncio.timeout(1.0):  # a stuck client must not hold up the others
+                    await self._send_error(error)
 
     async def _start_session(self, upstream: ClientConnection, policy: SessionPolicy) -> None:
         """Wait for `session.created`, show it (redacted) to the client, inject the server's."""

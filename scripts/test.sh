@@ -7,4 +7,4 @@ bin=.venv/bin
 echo "== ruff format --check"; "$bin/ruff" format --check .
 echo "== ruff check";          "$bin/ruff" check .
 echo "== mypy (strict, app/)"; "$bin/mypy"
-echo "== pytest";              "$bin/python" -m pytest "$@"
+echo "== pytest";              "$bin/python" -m pytest --cov --cov-report=term:skip-covered "$@"
