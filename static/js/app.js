@@ -1,0 +1,306 @@
+// The page: asks the relay what this client may use (GET /v1/relay/options), wires the controls
+// to a Session (session.js) and renders its state, transcript, level and latency.
+
+import { loadWorklets, opusSupport } from "./audio.js";
+import { describe } from "./errors.js";
+import { Session } from "./session.js";
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  status: $("status"),
+  banner: $("demo-banner"),
+  form: $("connect-form"),
+  key: $("key"),
+  model: $("model"),
+  voice: $("voice"),
+  opus: $("opus"),
+  connect: $("connect"),
+  modes: document.querySelectorAll('input[name="mode"]'),
+  ptt: $("ptt"),
+  level: $("level"),
+  levelBar: $("level-bar"),
+  latency: $("latency"),
+  transcript: $("transcript"),
+  composer: $("composer"),
+  text: $("text"),
+  image: $("image"),
+  attachment: $("attachment"),
+  send: $("send"),
+  error: $("error"),
+};
+
+const STATES = {
+  idle: "Not connected",
+  connecting: "Connecting…",
+  listening: "Listening",
+  user: "Hearing you…",
+  thinking: "Thinking…",
+  speaking: "Speaking",
+  refused: "Refused",
+  closed: "Disconnected",
+};
+const MAX_IMAGE_SIDE = 1024; // px; larger images are scaled down before sending
+
+let options = null; // the relay's answer for the current key
+let session = null;
+let image = null; // {dataUrl, name} waiting to be sent
+window.relayStats = null; // the session's counters, for the curious and for the browser tests
+
+// -- state and errors -------------------------------------------------------------------------
+
+function setState(state, detail = "") {
+  el.status.dataset.state = state;
+  el.status.textContent = detail ? `${STATES[state]}: ${detail}` : STATES[state];
+  const live = session !== null && !["idle", "refused", "closed"].includes(state);
+  el.connect.textContent = live ? "Disconnect" : "Connect";
+  for (const control of [el.key, el.model, el.opus]) control.disabled = live;
+  for (const control of [el.text, el.image, el.send]) control.disabled = !live || state === "connecting";
+  el.ptt.disabled = !live || state === "connecting" || mode() !== "ptt";
+  el.ptt.setAttribute("aria-pressed", String(state === "user" && mode() === "ptt"));
+}
+
+function showError(message) {
+  el.error.textContent = message;
+  el.error.hidden = !message;
+}
+
+// -- what the relay allows ----------------------------------------------------------------------
+
+async function loadOptions() {
+  const headers = el.key.value ? { Authorization: `Bearer ${el.key.value}` } : {};
+  try {
+    const response = await fetch("/v1/relay/options", { headers });
+    const body = await response.json();
+    if (!response.ok) {
+      options = null;
+      fill(el.model, []);
+      fill(el.voice, []);
+      showError(describe(body.error?.code, body.error?.message));
+      return;
+    }
+    options = body;
+  } catch {
+    options = null;
+    showError("The relay cannot be reached.");
+    return;
+  }
+  showError("");
+  el.banner.hidden = !options.demo;
+  fill(el.model, options.models, options.models[0]);
+  fill(el.voice, options.voices, options.voice);
+  el.voice.disabled = !options.client_may_set.includes("audio.output.voice");
+  const canSwitch = options.client_may_set.includes("audio.input.turn_detection");
+  for (const radio of el.modes) {
+    radio.disabled = !canSwitch;
+    radio.checked = radio.value === (options.turn_detection ? "vad" : "ptt");
+  }
+  el.ptt.disabled = true;
+}
+
+function fill(select, values, selected) {
+  select.replaceChildren(...values.map((value) => new Option(value, value, false, value === selected)));
+}
+
+function mode() {
+  return [...el.modes].find((radio) => radio.checked)?.value || "vad";
+}
+
+// -- connecting -------------------------------------------------------------------------------
+
+async function connect() {
+  showError("");
+  if (!options) await loadOptions();
+  if (!options) {
+    // The options endpoint refused us: connecting would be refused for the same reason, but
+    // try anyway so the relay's own words are shown.
+    options = { models: [], voices: [], voice: "", client_may_set: [], turn_detection: {} };
+  }
+  // The AudioContext is made here, inside the click: browsers only start audio on a gesture.
+  // No sampleRate: the device's rate is used and both worklets resample (Firefox cannot open
+  // a 24 kHz context on a 48 kHz device).
+  const ctx = new AudioContext({ latencyHint: "interactive" });
+  const resumed = ctx.resume();
+  el.transcript.replaceChildren();
+  el.latency.textContent = "—";
+  session = new Session({
+    ctx,
+    options,
+    model: el.model.value,
+    voice: el.voice.value,
+    key: el.key.value.trim(),
+    mode: mode(),
+    opus: el.opus.checked ? await opusSupport(ctx.sampleRate) : { input: false, output: false },
+    ui,
+  });
+  const current = session;
+  window.relayStats = session.stats;
+  setState("connecting");
+  try {
+    await resumed;
+    await loadWorklets(ctx);
+    await session.connect();
+  } catch (error) {
+    if (session !== current) return; // already closed (refused, or disconnected by the user)
+    const message =
+      error?.name === "NotAllowedError"
+        ? "The microphone is blocked. Allow it in the browser's site settings and connect again."
+        : error?.name === "SyntaxError" // new WebSocket() refuses the key as a subprotocol
+          ? "That key has characters a browser cannot send. Check it and try again."
+          : `Could not start audio: ${error?.message || error}`;
+    session?.close();
+    session = null;
+    setState("closed", message);
+  }
+}
+
+function disconnect() {
+  session?.close();
+  session = null;
+  setState("idle");
+}
+
+// Callbacks from the session.
+const ui = {
+  state: (state) => session && setState(state),
+  error: (message) => showError(message),
+  level: (rms) => {
+    // -60 dBFS .. 0 dBFS onto 0..100 %
+    const percent = Math.max(0, Math.min(100, ((20 * Math.log10(rms + 1e-9) + 60) / 60) * 100));
+    el.levelBar.style.width = `${percent}%`;
+    el.level.setAttribute("aria-valuenow", String(Math.round(percent)));
+  },
+  user: (itemId, text, final) => bubble(itemId, "user", text || (final ? "(no words)" : "…"), final),
+  assistant: (itemId, text, final) => bubble(itemId, "assistant", text, final),
+  latency: (itemId, ms) => {
+    const figure = `${Math.round(ms)} ms`;
+    el.latency.textContent = figure;
+    const meta = bubble(itemId, "assistant").querySelector(".meta");
+    meta.textContent = `first audio after ${figure}`;
+  },
+  interrupted: (itemId) => bubble(itemId, "assistant").classList.add("interrupted"),
+  closed: (state, reason) => {
+    session = null;
+    setState(state, reason);
+    if (state === "refused") showError(reason);
+    el.levelBar.style.width = "0%";
+  },
+};
+
+// -- transcript -------------------------------------------------------------------------------
+
+/** The transcript entry for `itemId`, created on first use; updates its text if given. */
+function bubble(itemId, role, text, final = false) {
+  let entry = el.transcript.querySelector(`[data-item="${CSS.escape(itemId)}"]`);
+  if (!entry) {
+    entry = document.createElement("li");
+    entry.className = `turn ${role}`;
+    entry.dataset.item = itemId;
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = role === "user" ? "You" : "Assistant";
+    const body = document.createElement("p");
+    body.className = "text";
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    entry.append(who, body, meta);
+    el.transcript.append(entry);
+  }
+  if (text !== undefined) {
+    entry.querySelector(".text").textContent = text;
+    entry.classList.toggle("streaming", !final);
+  }
+  entry.scrollIntoView({ block: "nearest" });
+  return entry;
+}
+
+let localItems = 0;
+
+function sendComposed(event) {
+  event.preventDefault();
+  const text = el.text.value.trim();
+  if (!session || (!text && !image)) return;
+  const entry = bubble(`local-${++localItems}`, "user", text, true);
+  if (image) {
+    const picture = document.createElement("img");
+    picture.src = image.dataUrl;
+    picture.alt = `Attached image ${image.name}`;
+    entry.querySelector(".text").before(picture);
+    session.sendImage(image.dataUrl, text);
+  } else {
+    session.sendText(text);
+  }
+  el.text.value = "";
+  clearImage();
+}
+
+/** Read the chosen image as a data URL, scaled to at most MAX_IMAGE_SIDE (JPEG). */
+async function attachImage() {
+  const file = el.image.files[0];
+  if (!file) return;
+  const bitmap = await createImageBitmap(file);
+  const scale = Math.min(1, MAX_IMAGE_SIDE / Math.max(bitmap.width, bitmap.height));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.round(bitmap.width * scale);
+  canvas.height = Math.round(bitmap.height * scale);
+  canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  image = { dataUrl: canvas.toDataURL("image/jpeg", 0.85), name: file.name };
+  el.attachment.textContent = `Image attached: ${file.name}`;
+  el.attachment.setAttribute("aria-label", `Remove the attached image ${file.name}`);
+  el.attachment.hidden = false;
+}
+
+function clearImage() {
+  image = null;
+  el.image.value = "";
+  el.attachment.hidden = true;
+}
+
+// -- push-to-talk: the button (pointer or keyboard) or the space bar --------------------------
+
+// Space talks anywhere but in fields that take it (buttons included: keyup's default, which
+// would click them, is prevented while talking).
+function isTyping(target) {
+  return target instanceof HTMLElement && target.closest("input, textarea, select, [contenteditable]");
+}
+
+el.ptt.addEventListener("pointerdown", (event) => {
+  el.ptt.setPointerCapture(event.pointerId);
+  session?.press();
+});
+for (const type of ["pointerup", "pointercancel"]) el.ptt.addEventListener(type, () => session?.release());
+document.addEventListener("keydown", (event) => {
+  if ((event.code === "Space" || (event.key === "Enter" && event.target === el.ptt)) && !isTyping(event.target)) {
+    if (mode() !== "ptt" || !session) return;
+    event.preventDefault();
+    if (!event.repeat) session.press();
+  }
+});
+document.addEventListener("keyup", (event) => {
+  if ((event.code === "Space" || event.key === "Enter") && session?.talking) {
+    event.preventDefault();
+    session.release();
+  }
+});
+
+// -- the rest of the controls -----------------------------------------------------------------
+
+el.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  if (session) disconnect();
+  else connect();
+});
+el.key.addEventListener("change", loadOptions);
+el.voice.addEventListener("change", () => session?.setVoice(el.voice.value));
+for (const radio of el.modes) {
+  radio.addEventListener("change", () => {
+    session?.setMode(mode());
+    el.ptt.disabled = !session || mode() !== "ptt";
+  });
+}
+el.composer.addEventListener("submit", sendComposed);
+el.image.addEventListener("change", () => attachImage().catch(() => showError("That file is not an image this browser can read.")));
+el.attachment.addEventListener("click", clearImage);
+el.opus.disabled = !("AudioEncoder" in window || "AudioDecoder" in window);
+
+setState("idle");
+loadOptions();

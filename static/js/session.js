@@ -1,0 +1,444 @@
+// One conversation through the relay's /ws: the WebSocket, the microphone, the player, and the
+// Realtime events between them (REALTIME.md §3-§4; flows in §12.1, §12.2 and §12.4).
+//
+// The UI gives callbacks (`ui.state`, `ui.user`, `ui.assistant`, `ui.latency`, `ui.interrupted`,
+// `ui.error`, `ui.level`, `ui.closed`) and calls the public methods: connect(), close(),
+// setMode(), setVoice(), press()/release() for push-to-talk, sendText(), sendImage().
+
+import { AUDIO_OUT, Microphone, OpusEncoder, Pcm16Encoder, Player, opusWireRate } from "./audio.js";
+import { REFUSALS, SILENT, describe, describeClose } from "./errors.js";
+
+const OUTPUT_RATE = 24000; // `relay_audio.samples` count 24 kHz samples (app/wire.py)
+const MAX_EARLY_CHUNKS = 250; // 5 s of microphone kept while the socket opens
+const MIN_PTT_MS = 120; // the server refuses commits under 100 ms (REALTIME.md §3)
+const SERVER_VAD = { type: "server_vad" }; // if the relay's default is push-to-talk
+
+export class Session {
+  /**
+   * @param {object} o
+   * @param {AudioContext} o.ctx  created in the click handler (a user gesture)
+   * @param {object} o.options    the body of GET /v1/relay/options
+   * @param {string} o.model @param {string} o.voice @param {string} o.key ("" = anonymous)
+   * @param {"vad"|"ptt"} o.mode @param {{input: boolean, output: boolean}} o.opus
+   * @param {object} o.ui         callbacks, see above
+   */
+  constructor({ ctx, options, model, voice, key, mode, opus, ui }) {
+    Object.assign(this, { ctx, options, model, voice, key, mode, ui });
+    this.inputCodec = opus.input ? "opus" : "pcm16";
+    this.outputCodec = opus.output ? "opus" : "pcm16";
+    this.ws = null;
+    this.closed = false; // cleaned up: nothing more happens
+    this.live = false; // session.created seen
+    this.talking = false; // push-to-talk held
+    this.talkMs = 0;
+    this.early = []; // microphone chunks from before the socket opened
+    this.refusal = null; // the error event that explains a close
+    this.lastError = null; // {code, message, at}: an error just before a close explains it
+    this.activeResponse = null; // id (or "pending") of the response writing to the conversation
+    this.wantResponse = false; // a response.create waiting for the active response to end
+    this.interrupted = new Set(); // response and item ids whose late audio is dropped
+    this.items = new Map(); // assistant item id -> {response, received, played} (24 kHz samples)
+    this.audioItem = null; // the item the next binary frames belong to
+    this.endAfterFrames = null; // item whose audio is done once its trailing frames are in
+    this.turnEnd = null; // performance.now() at the end of the user's turn
+    this.userText = new Map(); // user item id -> transcript so far
+    this.assistantText = new Map();
+    // Counters for people and tests (window.relayStats); samples are 24 kHz samples.
+    this.stats = {
+      inputCodec: this.inputCodec,
+      outputCodec: this.outputCodec,
+      contextRate: ctx.sampleRate,
+      framesSent: 0,
+      bytesSent: 0,
+      samplesReceived: 0,
+      samplesPlayed: 0,
+      underruns: 0,
+      droppedDeltas: 0,
+      droppedFrames: 0,
+      items: {},
+      truncates: [],
+      latencies: [],
+    };
+  }
+
+  // -- lifecycle --------------------------------------------------------------------------------
+
+  async connect() {
+    this.ui.state("connecting");
+    const ctx = this.ctx;
+    this.player = await Player.create(ctx, this.outputCodec, (m) => this.onPlayer(m));
+    const send = (frame) => this.sendFrame(frame);
+    this.encoder =
+      this.inputCodec === "opus" ? new OpusEncoder(send, ctx.sampleRate) : new Pcm16Encoder(send);
+    const query = new URLSearchParams({ output_codec: this.outputCodec });
+    if (this.model) query.set("model", this.model); // else the tier's default model
+    query.set("input_codec", this.inputCodec);
+    // PCM16 at the device rate (the relay resamples to 24 kHz), or Opus at the encoder's rate.
+    const rate = this.inputCodec === "opus" ? opusWireRate(ctx.sampleRate) : ctx.sampleRate;
+    query.set("input_rate", String(rate));
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const protocols = ["realtime"];
+    if (this.key) protocols.push(`openai-insecure-api-key.${this.key}`);
+    this.ws = new WebSocket(`${scheme}//${location.host}/ws?${query}`, protocols);
+    this.ws.binaryType = "arraybuffer";
+    this.ws.onopen = () => this.onOpen();
+    this.ws.onmessage = (event) => this.onMessage(event.data);
+    this.ws.onclose = (event) => this.onClose(event);
+    // The microphone opens while the socket connects; early chunks wait in `this.early`.
+    try {
+      const mic = await Microphone.open(ctx, (samples, rms) => this.onMic(samples, rms));
+      if (this.closed) mic.close(); // refused while the microphone was opening
+      else this.mic = mic;
+    } catch (error) {
+      if (!this.closed) throw error; // else: the context is closed already, nothing to report
+    }
+  }
+
+  /** Hang up (the user's choice: no "disconnected" report follows). */
+  close() {
+    if (this.ws) this.ws.onclose = null;
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000);
+    this.cleanup();
+  }
+
+  cleanup() {
+    if (this.closed) return;
+    this.closed = true;
+    this.live = false;
+    this.mic?.close();
+    this.encoder?.close();
+    this.player?.close();
+    this.mic = this.encoder = null;
+    this.ctx.close().catch(() => {});
+  }
+
+  onOpen() {
+    for (const samples of this.early) this.encoder.encode(samples);
+    this.early = [];
+  }
+
+  onClose(event) {
+    const recent = this.lastError && performance.now() - this.lastError.at < 2000;
+    const error = this.refusal || (recent ? this.lastError : null);
+    const reason = error ? describe(error.code, error.message) : describeClose(event.code);
+    const refused = error !== null && (!this.live || REFUSALS.has(error.code));
+    this.cleanup();
+    this.ui.closed(refused ? "refused" : "closed", reason, error?.code ?? null);
+  }
+
+  send(event) {
+    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(event));
+  }
+
+  sendFrame(frame) {
+    if (this.ws?.readyState !== WebSocket.OPEN) return;
+    this.ws.send(frame);
+    this.stats.framesSent++;
+    this.stats.bytesSent += frame.byteLength;
+  }
+
+  // -- microphone -------------------------------------------------------------------------------
+
+  onMic(samples, rms) {
+    this.ui.level(rms);
+    if (this.mode === "ptt" && !this.talking) return; // push-to-talk: only while held
+    if (this.talking) this.talkMs += (samples.length * 1000) / this.ctx.sampleRate;
+    if (this.ws?.readyState === WebSocket.OPEN) this.encoder.encode(samples);
+    else if (this.ws?.readyState === WebSocket.CONNECTING && this.early.length < MAX_EARLY_CHUNKS)
+      this.early.push(samples);
+  }
+
+  // -- choices ----------------------------------------------------------------------------------
+
+  /** Hands-free (server VAD) or push-to-talk (turn detection off, REALTIME.md §12.2). */
+  setMode(mode) {
+    if (mode === this.mode) return;
+    this.mode = mode;
+    if (!this.live) return;
+    const turnDetection = mode === "ptt" ? null : this.options.turn_detection || SERVER_VAD;
+    this.send({ type: "session.update", session: { type: "realtime", audio: { input: { turn_detection: turnDetection } } } });
+    if (mode === "ptt") this.send({ type: "input_audio_buffer.clear" });
+    this.ui.state("listening");
+  }
+
+  setVoice(voice) {
+    this.voice = voice;
+    if (this.live) this.sendVoice();
+  }
+
+  sendVoice() {
+    this.send({ type: "session.update", session: { type: "realtime", audio: { output: { voice: this.voice } } } });
+  }
+
+  // -- push-to-talk -----------------------------------------------------------------------------
+
+  press() {
+    if (!this.live || this.mode !== "ptt" || this.talking) return;
+    this.interrupt(true);
+    this.send({ type: "input_audio_buffer.clear" });
+    this.talking = true;
+    this.talkMs = 0;
+    this.ui.state("user");
+  }
+
+  release() {
+    if (!this.talking) return;
+    this.talking = false;
+    if (this.talkMs < MIN_PTT_MS) {
+      this.send({ type: "input_audio_buffer.clear" });
+      this.ui.error(describe("input_audio_buffer_commit_empty"));
+      this.ui.state("listening");
+      return;
+    }
+    this.send({ type: "input_audio_buffer.commit" });
+    this.requestResponse();
+    this.turnEnd = performance.now();
+    this.ui.state("thinking");
+  }
+
+  // -- typed input ------------------------------------------------------------------------------
+
+  sendText(text) {
+    this.sendUserItem([{ type: "input_text", text }]);
+  }
+
+  /** An image (a data URL) and an optional question about it, for vision models. */
+  sendImage(dataUrl, text) {
+    const content = [{ type: "input_image", image_url: dataUrl }];
+    if (text) content.push({ type: "input_text", text });
+    this.sendUserItem(content);
+  }
+
+  sendUserItem(content) {
+    this.interrupt(true);
+    this.send({ type: "conversation.item.create", item: { type: "message", role: "user", content } });
+    this.requestResponse();
+    this.turnEnd = performance.now();
+    this.ui.state("thinking");
+  }
+
+  /** response.create now, or once the active response is done (one at a time, §3). */
+  requestResponse() {
+    if (this.activeResponse) {
+      this.wantResponse = true;
+      return;
+    }
+    this.activeResponse = "pending";
+    this.send({ type: "response.create" });
+  }
+
+  // -- interruption (REALTIME.md §12.4) ---------------------------------------------------------
+
+  /**
+   * Stop playback at once, drop the rest of the playing response and tell the server how much of
+   * the item was heard. `cancel`: also cancel the response (push-to-talk and typed input; with
+   * server VAD `interrupt_response` makes the server cancel it itself).
+   */
+  async interrupt(cancel) {
+    const response = this.activeResponse;
+    if (response && response !== "pending") this.interrupted.add(response);
+    if (cancel && response && response !== "pending") this.send({ type: "response.cancel" });
+    const flushed = await this.player.flush();
+    // The playing item, or the item still streaming when everything received was played.
+    let itemId = flushed.itemId;
+    let played = flushed.played;
+    if (!itemId || flushed.buffered === 0) {
+      const streaming = [...this.items].find(([, item]) => item.response === response);
+      if (!streaming) return; // nothing playing and nothing coming: nothing to truncate
+      itemId = streaming[0];
+      played = (streaming[1].played * this.player.sourceRate) / OUTPUT_RATE;
+    }
+    const item = this.items.get(itemId);
+    if (!item || this.interrupted.has(itemId)) return;
+    this.interrupted.add(itemId);
+    // Integer milliseconds actually played, never more than the audio received (§3).
+    const playedMs = this.player.ms(played);
+    const receivedMs = (item.received * 1000) / OUTPUT_RATE;
+    const audioEndMs = Math.floor(Math.min(playedMs, receivedMs));
+    this.send({ type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: audioEndMs });
+    this.stats.truncates.push({ item_id: itemId, audio_end_ms: audioEndMs, played_ms: playedMs, received_ms: receivedMs });
+    this.ui.interrupted(itemId);
+  }
+
+  // -- events from the relay --------------------------------------------------------------------
+
+  onMessage(data) {
+    if (data instanceof ArrayBuffer) {
+      this.onFrame(new Uint8Array(data));
+      return;
+    }
+    if (this.endAfterFrames) {
+      // A text frame after `response.output_audio.done`: its trailing frames (the Opus tail) are in.
+      this.player.end(this.endAfterFrames);
+      this.endAfterFrames = null;
+    }
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const handler = this.handlers[event.type];
+    if (handler) handler.call(this, event);
+  }
+
+  onFrame(frame) {
+    const itemId = this.audioItem;
+    if (frame[0] !== AUDIO_OUT || !itemId || this.interrupted.has(itemId)) {
+      this.stats.droppedFrames++;
+      return;
+    }
+    this.player.push(itemId, frame.subarray(1));
+  }
+
+  /** Messages from the playback worklet: first sample of an item, counters, drained. */
+  onPlayer(message) {
+    if (message.type === "started") {
+      if (this.turnEnd !== null) {
+        // End of the user's turn -> first audio rendered, plus the device's output latency.
+        const ms = performance.now() - this.turnEnd + (this.ctx.outputLatency || 0) * 1000;
+        this.turnEnd = null;
+        this.stats.latencies.push(Math.round(ms));
+        this.ui.latency(message.itemId, ms);
+      }
+      if (!this.talking) this.ui.state("speaking");
+    } else if (message.type === "stats") {
+      const scale = OUTPUT_RATE / this.player.sourceRate;
+      this.stats.samplesPlayed = Math.round(message.played * scale);
+      this.stats.underruns = message.underruns;
+      for (const { itemId, played } of message.items) {
+        const item = this.items.get(itemId);
+        if (item) item.played = Math.round(played * scale);
+        this.publish(itemId);
+      }
+    } else if (message.type === "idle") {
+      if (!this.talking && this.turnEnd === null) this.ui.state("listening");
+    }
+  }
+
+  publish(itemId) {
+    const item = this.items.get(itemId);
+    if (item) this.stats.items[itemId] = { receivedSamples: item.received, playedSamples: item.played };
+  }
+
+  assistantItem(itemId, responseId) {
+    if (!this.items.has(itemId)) this.items.set(itemId, { response: responseId, received: 0, played: 0 });
+    return this.items.get(itemId);
+  }
+
+  onError(event) {
+    const { code, message } = event.error || {};
+    if (code === "conversation_already_has_active_response") this.wantResponse = true;
+    if (SILENT.has(code)) return;
+    if (REFUSALS.has(code) || !this.live) this.refusal = { code, message };
+    this.lastError = { code, message, at: performance.now() };
+    this.ui.error(describe(code, message), code);
+  }
+}
+
+// Server event type -> handler (called with `this` = the session).
+Session.prototype.handlers = {
+  error: Session.prototype.onError,
+
+  "session.created"() {
+    this.live = true;
+    if (this.voice && this.voice !== this.options.voice) this.sendVoice();
+    if (this.mode === "ptt") {
+      this.send({ type: "session.update", session: { type: "realtime", audio: { input: { turn_detection: null } } } });
+    }
+    this.ui.state("listening");
+  },
+
+  "input_audio_buffer.speech_started"(event) {
+    this.ui.user(event.item_id, "", false);
+    this.ui.state("user");
+    // Barge-in. With `interrupt_response` (the default) the server cancels the response itself.
+    const turnDetection = this.options.turn_detection || {};
+    this.interrupt(turnDetection.interrupt_response === false);
+  },
+
+  "input_audio_buffer.speech_stopped"() {
+    this.turnEnd = performance.now();
+    this.ui.state("thinking");
+  },
+
+  "input_audio_buffer.committed"(event) {
+    this.ui.user(event.item_id, this.userText.get(event.item_id) || "", false);
+  },
+
+  "conversation.item.input_audio_transcription.delta"(event) {
+    const text = (this.userText.get(event.item_id) || "") + (event.delta || "");
+    this.userText.set(event.item_id, text);
+    this.ui.user(event.item_id, text, false);
+  },
+
+  "conversation.item.input_audio_transcription.completed"(event) {
+    this.userText.set(event.item_id, event.transcript || "");
+    this.ui.user(event.item_id, event.transcript || "", true);
+  },
+
+  "response.created"(event) {
+    this.activeResponse = event.response.id;
+  },
+
+  "response.output_item.added"(event) {
+    if (event.item?.type === "message" && event.item.role === "assistant") {
+      this.assistantItem(event.item.id, event.response_id);
+    }
+  },
+
+  "response.output_audio.delta"(event) {
+    this.audioItem = event.item_id;
+    if (this.interrupted.has(event.response_id) || this.interrupted.has(event.item_id)) {
+      this.stats.droppedDeltas++; // late audio of an interrupted response (§12.4): dropped
+      return;
+    }
+    const item = this.assistantItem(event.item_id, event.response_id);
+    if (event.relay_audio) {
+      item.received += event.relay_audio.samples; // its frames follow as binary messages
+    } else if (event.delta) {
+      // Plain JSON audio (a relay without binary output): base64 PCM16 24 kHz.
+      const bytes = Uint8Array.from(atob(event.delta), (c) => c.charCodeAt(0));
+      item.received += bytes.length >> 1;
+      this.player.push(event.item_id, bytes);
+    }
+    this.stats.samplesReceived += event.relay_audio?.samples ?? 0;
+    this.publish(event.item_id);
+  },
+
+  "response.output_audio.done"(event) {
+    this.audioItem = event.item_id;
+    if (!this.interrupted.has(event.item_id)) this.endAfterFrames = event.item_id;
+  },
+
+  "response.output_audio_transcript.delta"(event) {
+    if (this.interrupted.has(event.response_id)) return; // unheard text of an interrupted answer
+    const text = (this.assistantText.get(event.item_id) || "") + event.delta;
+    this.assistantText.set(event.item_id, text);
+    this.ui.assistant(event.item_id, text, false);
+  },
+
+  "response.output_audio_transcript.done"(event) {
+    if (this.interrupted.has(event.response_id)) return;
+    this.assistantText.set(event.item_id, event.transcript);
+    this.ui.assistant(event.item_id, event.transcript, true);
+  },
+
+  "response.output_text.delta"(event) {
+    Session.prototype.handlers["response.output_audio_transcript.delta"].call(this, event);
+  },
+
+  "response.output_text.done"(event) {
+    this.ui.assistant(event.item_id, event.text, true);
+  },
+
+  "response.done"(event) {
+    if (this.activeResponse === event.response.id || this.activeResponse === "pending") {
+      this.activeResponse = null;
+    }
+    if (this.wantResponse) {
+      this.wantResponse = false;
+      this.requestResponse();
+    }
+  },
+};

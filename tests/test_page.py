@@ -1,0 +1,353 @@
+"""The bundled page in a real browser: Debian's Chromium, a fake microphone, relay and upstream.
+
+The microphone is a WAV of espeak-ng speech made at test time and fed to Chromium's fake capture
+device; the local upstream echoes each committed turn back, so what the page plays is known too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import struct
+import subprocess
+import wave
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+from playwright.async_api import Page, async_playwright
+
+from tests.conftest import relay_settings
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+WAIT_MS = 20_000  # every browser-side wait
+RATE = 24_000  # the upstream's PCM16 rate
+WINDOW = RATE // 50  # 20 ms envelope windows
+
+
+# -- the fake microphone -------------------------------------------------------------------------
+
+
+def speech_wav(path: Path, *parts: tuple[str, float], lead: float = 0.5) -> Path:
+    """48 kHz mono 16-bit speech: each (text, seconds of silence after it), after `lead` s."""
+    pieces = []
+    for index, (text, pause) in enumerate(parts):
+        raw, piece = path.with_suffix(f".raw{index}.wav"), path.with_suffix(f".{index}.wav")
+        subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True)
+        convert = ["sox", str(raw), "-r", "48000", "-c", "1", "-b", "16", str(piece)]
+        subprocess.run([*convert, "pad", str(lead if index == 0 else 0), str(pause)], check=True)
+        pieces.append(str(piece))
+    if len(pieces) == 1:
+        shutil.copy(pieces[0], path)
+    else:
+        subprocess.run(["sox", *pieces, str(path)], check=True)
+    return path
+
+
+def pcm_at_24k(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as source:
+        rate = source.getframerate()
+        samples = np.frombuffer(source.readframes(source.getnframes()), dtype="<i2")
+    return soxr.resample(samples.astype(np.float32), rate, RATE)
+
+
+def envelope(samples: np.ndarray) -> np.ndarray:
+    """RMS over 20 ms windows."""
+    count = len(samples) // WINDOW
+    windows = samples[: count * WINDOW].astype(np.float64).reshape(count, WINDOW)
+    return np.sqrt((windows**2).mean(axis=1))
+
+
+def speech_span(env: np.ndarray) -> tuple[int, int]:
+    """First and last window louder than -30 dB below the loudest: the speech part."""
+    loud = np.flatnonzero(env > env.max() * 10 ** (-30 / 20))
+    return int(loud[0]), int(loud[-1]) + 1
+
+
+def best_correlation(source: np.ndarray, received: np.ndarray) -> float:
+    """Pearson r of the source envelope against the received one, at the best lag."""
+    assert len(received) >= len(source), "the upstream got less audio than the spoken file"
+    return max(
+        float(np.corrcoef(source, received[lag : lag + len(source)])[0, 1])
+        for lag in range(len(received) - len(source) + 1)
+    )
+
+
+def png(width: int = 48, height: int = 32) -> bytes:
+    """A small RGB PNG (a blue-to-orange gradient), written with the standard library."""
+    rows = b"".join(
+        b"\0" + bytes(c for x in range(width) for c in (5 * x, 80, 255 - 5 * x))
+        for _ in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+# -- the browser ---------------------------------------------------------------------------------
+
+
+def chromium_args(wav: Path) -> list[str]:
+    return [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        # %noloop: play the file once, then silence (Chromium loops it otherwise).
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+        "--autoplay-policy=no-user-gesture-required",
+    ]
+
+
+async def open_page(playwright, wav: Path, profile: Path, url: str) -> Page:
+    browser = await playwright.chromium.launch_persistent_context(
+        str(profile),
+        executable_path=CHROMIUM,
+        headless=True,
+        args=chromium_args(wav),
+        viewport={"width": 820, "height": 1000},
+    )
+    page = browser.pages[0] if browser.pages else await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(url)
+    return page
+
+
+async def stats(page: Page) -> dict:
+    return await page.evaluate("JSON.parse(JSON.stringify(window.relayStats))")
+
+
+async def played_out(page: Page, item_id: str) -> dict:
+    """Wait until the page has played all the audio it received for `item_id`."""
+    script = """(id) => {
+        const item = window.relayStats.items[id];
+        return item && item.receivedSamples > 0 && item.playedSamples === item.receivedSamples;
+    }"""
+    await page.wait_for_function(script, arg=item_id)
+    return (await stats(page))["items"][item_id]
+
+
+def sent_audio(record, item_id: str) -> int:
+    """Samples (24 kHz) of assistant audio the upstream sent for `item_id`."""
+    return sum(
+        len(base64.b64decode(event["delta"])) // 2
+        for event in record.sent
+        if event["type"] == "response.output_audio.delta" and event["item_id"] == item_id
+    )
+
+
+async def eventually(check):
+    """Wait (bounded) until `check()` returns something true, and return it."""
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while True:
+            if result := check():
+                return result
+            await asyncio.sleep(0.05)
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+async def test_conversation(tmp_path, upstream, relay_factory):
+    """A spoken turn reaches the upstream intact, its echo is played in full, typed input works."""
+    relay = await relay_factory(relay_settings(upstream.url, upstream={"demo": True}))
+    wav = speech_wav(tmp_path / "hello.wav", ("Hello relay. This is a test of the web page.", 2.0))
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        await page.wait_for_function("document.querySelector('#model').options.length > 0")
+        await page.get_by_text("local echo upstream — set OPENAI_API_KEY").wait_for()
+        await page.get_by_role("button", name="Connect").click()
+        answer = page.locator(".turn.assistant").first
+        await answer.get_by_text("You said something for").wait_for()
+        await page.locator(".turn.user").first.get_by_text("s of speech").wait_for()
+        record = upstream.connections[0]
+        item_id = await answer.get_attribute("data-item")
+        assert item_id is not None
+
+        # Played: every echoed sample went through the playback worklet, no more, no less (the
+        # worklet counts whole source samples and ends each item exactly at its last one).
+        played = await played_out(page, item_id)
+        assert played["playedSamples"] == sent_audio(record, item_id)
+        assert (await stats(page))["underruns"] == 0
+        await page.get_by_text("first audio after").wait_for()
+        assert (await page.locator("#latency").text_content()).endswith(" ms")
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+
+        # The audio the upstream got is the spoken file: same speech length, same envelope.
+        source = envelope(pcm_at_24k(wav))
+        received = envelope(np.frombuffer(bytes(record.input_audio), dtype="<i2"))
+        start, end = speech_span(source)
+        got_start, got_end = speech_span(received)
+        assert abs((got_end - got_start) - (end - start)) <= 0.1 * (end - start)
+        assert best_correlation(source[start:end], received) > 0.8
+
+        # Typed text and an attached image become user items and get an answer.
+        await page.get_by_label("Image").set_input_files(
+            {"name": "gradient.png", "mimeType": "image/png", "buffer": png()}
+        )
+        await page.get_by_label("Message").fill("What is in this picture?")
+        await page.get_by_role("button", name="Send").click()
+        await page.get_by_text("You said: What is in this picture?").wait_for()
+        created = await eventually(
+            lambda: [e for e in record.events if e["type"] == "conversation.item.create"]
+        )
+        content = created[0]["item"]["content"]
+        assert content[0]["type"] == "input_image"
+        assert content[0]["image_url"].startswith("data:image/jpeg;base64,")
+        assert content[1] == {"type": "input_text", "text": "What is in this picture?"}
+        last = await page.locator(".turn.assistant").last.get_attribute("data-item")
+        await played_out(page, last)
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+
+        # One spoken turn: the fake microphone played the file once (%noloop), then silence.
+        assert record.sent_types().count("input_audio_buffer.speech_started") == 1
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_barge_in(tmp_path, upstream_factory, relay_factory):
+    """Speaking over the answer stops it and truncates the item to the milliseconds played."""
+    upstream = await upstream_factory(realtime_pacing=True)
+    relay = await relay_factory(relay_settings(upstream.url))
+    wav = speech_wav(
+        tmp_path / "barge.wav",
+        ("Please tell me a long story about the sea and the ships.", 1.6),
+        ("Stop, stop. That is enough, thank you.", 1.5),
+    )
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        await page.get_by_role("button", name="Connect").click()
+        await page.locator(".turn.assistant.interrupted").wait_for()
+        record = upstream.connections[0]
+        truncate = await eventually(
+            lambda: next(
+                (e for e in record.events if e["type"] == "conversation.item.truncate"), None
+            )
+        )
+        page_side = (await stats(page))["truncates"][0]
+        end_ms = truncate["audio_end_ms"]
+        assert isinstance(end_ms, int)
+        assert truncate["content_index"] == 0 and truncate["item_id"] == page_side["item_id"]
+        assert 0 < end_ms <= page_side["received_ms"]
+        assert end_ms <= sent_audio(record, truncate["item_id"]) * 1000 // RATE
+        assert page_side["played_ms"] - 1 < end_ms <= page_side["played_ms"]
+        # It was a real interruption: the upstream cancelled that answer for the new turn.
+        done = await eventually(
+            lambda: [
+                e["response"]
+                for e in record.sent
+                if e["type"] == "response.done"
+                and any(item["id"] == truncate["item_id"] for item in e["response"]["output"])
+            ]
+        )
+        assert done[0]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+
+        # Playback stopped at once and stays stopped: late audio of that item is dropped.
+        played = (await stats(page))["items"][truncate["item_id"]]["playedSamples"]
+        assert played <= (end_ms + 1) * RATE // 1000 + WINDOW
+        await asyncio.sleep(0.5)
+        assert (await stats(page))["items"][truncate["item_id"]]["playedSamples"] == played
+        await eventually(lambda: "conversation.item.truncated" in record.sent_types())
+        assert not [e for e in record.sent if e["type"] == "error"]
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_refused(tmp_path, upstream, relay_factory):
+    """A relay that refuses anonymous clients: the page says why, in plain words."""
+    relay = await relay_factory(relay_settings(upstream.url, anonymous_tier=""))
+    wav = speech_wav(tmp_path / "short.wav", ("Hello.", 0.5))
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        # Even before connecting, the options endpoint says the same.
+        await page.get_by_role("alert").get_by_text("did not accept the key").wait_for()
+        await page.get_by_role("button", name="Connect").click()
+        status = page.locator("#status")
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'refused'"
+        )
+        assert "did not accept the key" in await status.text_content()
+        assert await page.get_by_role("alert").is_visible()
+        assert await page.get_by_role("button", name="Connect").is_enabled()
+    assert not upstream.connections  # refused before any upstream connection
+
+
+async def test_push_to_talk_over_opus(tmp_path, upstream, relay_factory):
+    """Push-to-talk with the space bar, Opus both ways: commit, response.create, answer played."""
+    relay = await relay_factory(relay_settings(upstream.url))
+    # 2.5 s of lead-in: time to connect and press the key before the sentence starts.
+    wav = speech_wav(
+        tmp_path / "ptt.wav", ("Push to talk works with compressed audio.", 1.0), lead=2.5
+    )
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        await page.wait_for_function("document.querySelector('#model').options.length > 0")
+        await page.get_by_label("Push-to-talk").check()
+        await page.get_by_label("Compressed audio (Opus)").check()
+        await page.get_by_role("button", name="Connect").click()
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+        record = upstream.connections[0]
+        updates = await eventually(
+            lambda: [e for e in record.events if e["type"] == "session.update"][1:]
+        )  # the first is the relay's own
+        update = updates[0]
+        assert update["session"]["audio"]["input"]["turn_detection"] is None
+        # Focus is still on the (Disconnect) button: space must talk, not click it.
+        await page.keyboard.down("Space")
+        await page.wait_for_function("document.querySelector('#ptt').ariaPressed === 'true'")
+        await asyncio.sleep(6.0)  # the rest of the lead-in, the sentence and a little silence
+        await page.keyboard.up("Space")
+        await page.locator(".turn.assistant").get_by_text("You said something for").wait_for()
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+
+        page_stats = await stats(page)
+        assert (page_stats["inputCodec"], page_stats["outputCodec"]) == ("opus", "opus")
+        types = [e["type"] for e in record.events]
+        assert types.index("input_audio_buffer.commit") < types.index("response.create")
+        assert "input_audio_buffer.speech_started" not in record.sent_types()  # VAD was off
+        # Played: the decoded Opus stream is the echo plus the encoder's padding of the last
+        # 20 ms packet, so it may exceed what the upstream sent by less than one packet.
+        item_id = await page.locator(".turn.assistant").first.get_attribute("data-item")
+        played = page_stats["items"][item_id]["playedSamples"]
+        assert 0 <= played - sent_audio(record, item_id) < RATE // 50
+        assert page_stats["underruns"] == 0
+
+        source = envelope(pcm_at_24k(wav))
+        received = envelope(np.frombuffer(bytes(record.input_audio), dtype="<i2"))
+        start, end = speech_span(source)
+        got_start, got_end = speech_span(received)
+        assert abs((got_end - got_start) - (end - start)) <= 0.1 * (end - start)
+        assert best_correlation(source[start:end], received) > 0.8
+        assert page.errors == []  # type: ignore[attr-defined]
