@@ -22,7 +22,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.routing import WebSocketRoute
 
 from app.auth import credential_from
 from app.client_secrets import client_secrets_router
@@ -31,7 +30,7 @@ from app.errors import RelayError
 from app.limits import make_limiter
 from app.logs import configure_logging
 from app.metrics import RelayMetrics
-from app.relay import Relay
+from app.relay import Receive, Relay, Scope, Send
 from app.wire import OUTPUT_CODECS
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,30 @@ def session_options(settings: Settings, tier: str) -> dict[str, Any]:
     }
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+RELAY_PATHS = frozenset({"/ws", "/v1/realtime"})
+
+
+class RelayApp:
+    """The ASGI app: WebSockets on `RELAY_PATHS` go straight to the relay, the rest to FastAPI.
+
+    Starlette's middleware wraps `send` for every scope; sending each relayed frame through it
+    cost about 5% of the relay's CPU under load (bench/relay_bench.py, py-spy), so the relay's
+    sockets bypass it.
+    """
+
+    def __init__(self, api: FastAPI, relay: Relay) -> None:
+        self.api = api
+        self.relay = relay
+        self.state = api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] in RELAY_PATHS:
+            await self.relay(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> RelayApp:
     """Build the relay app. Without `settings`, they are read from the environment."""
     settings = settings if settings is not None else load_settings()
     metrics = RelayMetrics(settings)
@@ -79,8 +101,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="realtime-relay", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.relay = relay
-    app.router.routes.append(WebSocketRoute("/ws", relay, name="relay"))
-    app.router.routes.append(WebSocketRoute("/v1/realtime", relay, name="relay_sdk"))
 
     @app.get("/v1/relay/options")
     async def options(request: Request) -> JSONResponse:
@@ -113,10 +133,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
-    return app
+    return RelayApp(app, relay)
 
 
-def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """Uvicorn's configuration for the relay: one worker, sized frames, no deflate on audio."""
     options: dict[str, Any] = {
         "host": settings.host,

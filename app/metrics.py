@@ -172,6 +172,8 @@ class RelayMetrics:
             "transcode_seconds", "Time to transcode one audio frame.", ["operation"],
             buckets=TRANSCODE_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
+        self._usage: dict[tuple[str, str], tuple[dict[Kind, Counter], dict[Kind, float] | None]]
+        self._usage = {}
         self._create_series()
 
     def _create_series(self) -> None:
@@ -201,6 +203,18 @@ class RelayMetrics:
 
     def upstream_closed(self, code: int | None) -> None:
         self.upstream_closes.labels(_known(str(code), CLOSE_CODES)).inc()
+
+    def usage_counters(
+        self, tier: str, model: str
+    ) -> tuple[dict[Kind, Counter], dict[Kind, float] | None]:
+        """The token counters of (`tier`, `model`) and the model's USD per token, built once."""
+        key = (tier, model)
+        cached = self._usage.get(key)
+        if cached is None:
+            counters = {kind: self.tokens.labels(tier, model, *kind) for kind in ALL_KINDS}
+            price = price_lookup(self.prices, model)
+            cached = self._usage[key] = (counters, per_token_prices(price) if price else None)
+        return cached
 
     def session(
         self, tier: str, model: str, bytes_per_second: tuple[int, int], audio: ClientAudio
@@ -261,10 +275,8 @@ class SessionMeter:
         self._transcription_model = OTHER
         self._speech_end: float | None = None
         self._response_requested: float | None = None
-        self._tokens = {kind: metrics.tokens.labels(tier, model, *kind) for kind in ALL_KINDS}
+        self._tokens, self._prices = metrics.usage_counters(tier, model)
         self._cost = metrics.cost.labels(tier, model)
-        price = price_lookup(metrics.prices, model)
-        self._prices = per_token_prices(price) if price is not None else None
         self._started = time.monotonic()
         # perf_counter of the last sign of conversation: a client event other than audio, or
         # speech detected upstream. The session's idle timeout reads it.
@@ -364,11 +376,9 @@ class SessionMeter:
 
     def count_transcription(self, usage: dict[str, Any]) -> None:
         """Transcription runs on its own model and is counted under that model's label."""
-        metrics = self._metrics
-        model = metrics.model_label(self._transcription_model)
-        counters = {kind: metrics.tokens.labels(self.tier, model, *kind) for kind in ALL_KINDS}
-        price = price_lookup(metrics.prices, model)
-        self.count_usage(usage, model, counters, per_token_prices(price) if price else None)
+        model = self._metrics.model_label(self._transcription_model)
+        counters, prices = self._metrics.usage_counters(self.tier, model)
+        self.count_usage(usage, model, counters, prices)
 
     def close(self, outcome: str) -> None:
         """Record the end of the session."""

@@ -104,6 +104,21 @@ class Relay:
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
         self._event_ids = itertools.count(1)
+        self._policies: dict[tuple[str, str, str, str], SessionPolicy] = {}
+
+    def policy(self, tier: str, model: str, audio: AudioOptions) -> SessionPolicy:
+        """The stateless policy of `tier` on `model` with these formats, built once."""
+        key = (tier, model, audio.input_format["type"], audio.output_format["type"])
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = self._policies[key] = SessionPolicy(
+                self.settings.session,
+                self.settings.tiers[tier].client_may_set,
+                model=model,
+                input_format=audio.input_format,
+                output_format=audio.output_format,
+            )
+        return policy
 
     def event_id(self) -> str:
         return f"event_relay_{next(self._event_ids)}"
@@ -220,13 +235,7 @@ class RelaySession:
         relay.metrics.upstream_connect.observe(time.perf_counter() - started)
         self.log.info("upstream open: model=%s", model)
         options = audio.options
-        policy = SessionPolicy(
-            relay.settings.session,
-            relay.settings.tiers[identity.tier].client_may_set,
-            model=model,
-            input_format=options.input_format,
-            output_format=options.output_format,
-        )
+        policy = relay.policy(identity.tier, model, options)
         rates = (
             _BYTES_PER_SECOND[options.input_format["type"]],
             _BYTES_PER_SECOND[options.output_format["type"]],

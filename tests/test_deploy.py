@@ -347,7 +347,8 @@ def test_deployment_probes_hit_the_app_routes() -> None:
     container = _container()
     (port,) = container["ports"]
     routes = {
-        getattr(route, "path", None) for route in create_app(Settings(openai_api_key="x")).routes
+        getattr(route, "path", None)
+        for route in create_app(Settings(openai_api_key="x")).api.routes
     }
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         assert container[probe]["httpGet"]["path"] == path
