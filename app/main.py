@@ -133,6 +133,8 @@ def create_app(settings: Settings | None = None) -> RelayApp:
 
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    else:  # a wheel install carries app/ only; the page lives in the source tree or the image
+        logger.warning("no %s: the bundled page is not served", STATIC_DIR)
     return RelayApp(app, relay)
 
 

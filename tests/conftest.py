@@ -31,13 +31,8 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class RelayServer:
-    """A relay served by uvicorn on 127.0.0.1, and the app behind it."""
-
-    server: uvicorn.Server
+class _OnLoopback:
     port: int
-    app: Any
 
     @property
     def ws_url(self) -> str:
@@ -46,6 +41,15 @@ class RelayServer:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class RelayServer(_OnLoopback):
+    """A relay served by uvicorn on 127.0.0.1, and the app behind it."""
+
+    server: uvicorn.Server
+    port: int
+    app: Any
 
     @property
     def relay(self) -> Any:
@@ -123,19 +127,11 @@ async def relay(
 
 
 @dataclass
-class RelayProcess:
+class RelayProcess(_OnLoopback):
     """A relay run as `python -m app` in a subprocess, for signal and multi-replica tests."""
 
     process: Process
     port: int
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     async def exit_code(self) -> int:
         async with asyncio.timeout(START_TIMEOUT):
