@@ -46,8 +46,11 @@ install_system_packages
 
 extras=""
 [ "$mode" = test ] && extras="[dev]"
-stamp="$venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)$extras"
-if [ ! -f "$stamp" ]; then
+digest=$(sha256sum pyproject.toml | cut -c1-16)
+stamp="$venv/.installed-$digest$extras"
+installed() { [ -f "$venv/.installed-$digest$1" ]; }
+# A dev install serves `run` too; a changed pyproject.toml installs again.
+if ! installed "$extras" && ! { [ "$mode" = run ] && installed "[dev]"; }; then
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".$extras"
