@@ -24,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -128,6 +129,17 @@ def _endpoint(scheme: str, netloc: str) -> tuple[str, int | None] | None:
     return (host, port or _DEFAULT_PORTS.get(scheme)) if host else None
 
 
+def _not_rebindable(host: str) -> bool:
+    """True for hosts DNS cannot repoint: IP literals and localhost (RFC 6761 §6.3)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _normalise_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
@@ -138,9 +150,11 @@ def check_origin(headers: Iterable[tuple[bytes, bytes]], allowed_origins: Sequen
     Browsers always send `Origin` on a WebSocket handshake and a page cannot forge it, so this
     stops cross-site WebSocket hijacking (RFC 6455 §10.2). A request passes when it has no
     `Origin` (not a browser), when its origin is listed exactly as ``scheme://host[:port]`` or
-    the list holds ``"*"``, or when it is the relay's own origin: the origin's ``host[:port]``
-    equals the request's `Host` (or `X-Forwarded-Host`, set by a proxy that rewrites `Host`; a
-    page cannot set either), as for the bundled page.
+    the list holds ``"*"``, or when it is the relay's own origin on an IP address or
+    ``localhost``: the origin's ``host[:port]`` equals the request's `Host` (or
+    `X-Forwarded-Host`, set by a proxy that rewrites `Host`; a page cannot set either), as for
+    the bundled page. A host *name* is trusted only when listed: with DNS rebinding an attacker's
+    name can point at the relay, and then its page's `Origin` and `Host` agree.
 
     Raises:
         OriginNotAllowedError: the origin is none of those.
@@ -161,7 +175,11 @@ def check_origin(headers: Iterable[tuple[bytes, bytes]], allowed_origins: Sequen
             continue
         parts = urlsplit(normalised)
         own = _endpoint(parts.scheme, parts.netloc)
-        if own is not None and any(_endpoint(parts.scheme, host) == own for host in hosts):
+        if (
+            own is not None
+            and _not_rebindable(own[0])
+            and any(_endpoint(parts.scheme, host) == own for host in hosts)
+        ):
             continue
         raise OriginNotAllowedError(f"origin {origin[:100]!r} may not use this relay")
 

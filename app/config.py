@@ -9,6 +9,7 @@ Only this module reads the environment; everything else receives a `Settings`.
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -240,6 +241,8 @@ class Settings(BaseSettings):
         if not self.tiers:
             raise ValueError("RELAY_TIERS: at least one tier is needed")
         for key, tier in self.client_keys.items():
+            if key.startswith("sha256:") and not re.fullmatch(r"[0-9a-fA-F]{64}", key[7:]):
+                raise ValueError("RELAY_CLIENT_KEYS: a sha256: key needs 64 hex digits")
             if tier not in self.tiers:
                 name = key.split(":", 1)[0] if key.startswith("sha256:") else "a key"
                 raise ValueError(f"RELAY_CLIENT_KEYS: {name} maps to unknown tier {tier!r}")

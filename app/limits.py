@@ -385,17 +385,18 @@ async def heartbeat(limiter: Limiter, lease: Lease, interval: float, *, log: _Lo
             log.warning("lease was lost (store restarted or unreachable past the TTL); retaken")
 
 
-def session_caps(settings: Settings, tier: str, client_id: str, model: str) -> list[Cap]:
+def session_caps(settings: Settings, tier: str, client_id: str | None, model: str) -> list[Cap]:
     """The caps a session of `client_id` in `tier` on `model` holds a slot in.
 
     Keys are ``tier:<tier>``, ``client:<tier>:<client_id>`` and ``model:<model>``; the names the
-    client is told are ``tier``, ``client`` and ``model``.
+    client is told are ``tier``, ``client`` and ``model``. Anonymous clients (`client_id` None)
+    share no identity, so the per-client cap does not apply to them; the tier's cap does.
     """
     limits = settings.tiers[tier]
     caps = []
     if limits.max_sessions is not None:
         caps.append(Cap(f"tier:{tier}", limits.max_sessions, "tier"))
-    if limits.max_sessions_per_client is not None:
+    if limits.max_sessions_per_client is not None and client_id is not None:
         caps.append(Cap(f"client:{tier}:{client_id}", limits.max_sessions_per_client, "client"))
     if model in settings.model_limits:
         caps.append(Cap(f"model:{model}", settings.model_limits[model], "model"))

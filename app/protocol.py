@@ -61,6 +61,27 @@ _TYPE_PREFIX = re.compile(r'\{\s*"type"\s*:\s*"([^"\\]+)"')
 INJECTED_EVENT_ID: Final = "relay_session_defaults"
 
 
+class _DuplicateKeyError(ValueError):
+    """A JSON object names a key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(repr(key[:64]))
+            seen.add(key)
+    return fields
+
+
+# The policy judges the parsed event but the upstream gets the original text, so both must read
+# the same fields: parsers differ on duplicate keys (Python keeps the last, others the first), and
+# `{"type": "input_audio_buffer.clear", ..., "type": "session.update"}` must not pass as either.
+_decode_strict = json.JSONDecoder(object_pairs_hook=_unique_keys).decode
+
+
 def _paths_under(prefixes: Iterable[str]) -> frozenset[str]:
     """Every proper ancestor of dotted paths: "audio", "audio.output" for "audio.output.voice"."""
     ancestors: set[str] = set()
@@ -176,7 +197,9 @@ class SessionPolicy:
             FieldLockedError: a change the client's tier does not allow.
         """
         try:
-            event = json.loads(text)
+            event = _decode_strict(text)
+        except _DuplicateKeyError as exc:
+            raise InvalidEventError(f"duplicate key {exc} in the event", param=str(exc)) from None
         except ValueError:
             raise InvalidEventError("the frame is not valid JSON", code="invalid_json") from None
         if not isinstance(event, dict):

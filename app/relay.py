@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from app.auth import Authenticator, Identity, check_origin, credential_from
+from app.auth import Authenticator, CredentialKind, Identity, check_origin, credential_from
 from app.config import Settings, TierSettings
 from app.errors import (
     AdmissionError,
@@ -44,7 +44,7 @@ from app.errors import (
 )
 from app.limits import Lease, Limiter, admit, heartbeat, session_caps
 from app.metrics import RelayMetrics, SessionMeter
-from app.protocol import SessionPolicy
+from app.protocol import INJECTED_EVENT_ID, SessionPolicy
 from app.upstream import Upstream, close_quietly
 from app.wire import AudioOptions, ClientAudio, audio_options
 
@@ -103,7 +103,6 @@ class Relay:
         self.sessions: set[RelaySession] = set()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
-        self._event_ids = itertools.count(1)
         self._policies: dict[tuple[str, str, str, str], SessionPolicy] = {}
 
     def policy(self, tier: str, model: str, audio: AudioOptions) -> SessionPolicy:
@@ -120,16 +119,14 @@ class Relay:
             )
         return policy
 
-    def event_id(self) -> str:
-        return f"event_relay_{next(self._event_ids)}"
-
     async def drain(self, window: float) -> None:
         """Stop admitting, warn live sessions, and close those left after `window` with 1012."""
         self.draining = True
         logger.warning("draining: %d live sessions, closing in %.0f s", len(self.sessions), window)
         warning = f"the relay is shutting down; this session will be closed in {window:.0f} s"
-        for session in list(self.sessions):
-            await session.warn(ShuttingDownError(warning))
+        async with asyncio.TaskGroup() as group:  # warn() is bounded and never raises
+            for session in list(self.sessions):
+                group.create_task(session.warn(ShuttingDownError(warning)))
         await self._all_ended(window)
         for session in list(self.sessions):
             session.stopping.set()
@@ -166,6 +163,11 @@ class RelaySession:
         self.client_open = False
         self.upstream: ClientConnection | None = None
         self.stopping = asyncio.Event()  # set by a drain: end the session with 1012
+        self._event_ids = itertools.count(1)
+
+    def event_id(self) -> str:
+        """An id for an event the relay itself sends this client."""
+        return f"event_relay_{self.id[:12]}_{next(self._event_ids)}"
 
     async def run(self) -> None:
         relay = self.relay
@@ -187,7 +189,8 @@ class RelaySession:
             self.log.extra = {"session": self.id, "tier": tier}
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
             model = self._model(identity, query)
-            caps = session_caps(settings, tier, identity.client_id, model)
+            client = None if identity.kind is CredentialKind.ANONYMOUS else identity.client_id
+            caps = session_caps(settings, tier, client, model)
             lease = await admit(
                 relay.limiter, caps, fail_open=settings.limits_fail_open, log=self.log
             )
@@ -201,6 +204,8 @@ class RelaySession:
                 relay.metrics.reject(tier, "upstream")
             self.log.warning("upstream failed: %s", exc.code, exc_info=exc.__cause__ is not None)
             await self._close(exc.close_code, exc)
+        except _Ended:
+            self.log.info("the client left during admission")
         except Exception:
             self.log.exception("session failed")
             await self._close(CloseCode.INTERNAL, RelayError("internal relay error"))
@@ -241,11 +246,13 @@ class RelaySession:
             _BYTES_PER_SECOND[options.output_format["type"]],
         )
         meter = relay.metrics.session(identity.tier, model, rates, audio)
-        outcome = "error"
+        outcome: str | None = None
+        close_code: int = CloseCode.INTERNAL
+        error: RelayError | None = None
         try:
             # Inject the server's session before any client event is read: client frames wait in
             # the server's bounded receive queue meanwhile, in order (REALTIME.md §12.1).
-            await self._start_session(upstream, policy)
+            await self._start_session(upstream, policy, meter)
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._client_to_upstream(upstream, policy, meter, audio))
                 group.create_task(self._upstream_to_client(upstream, policy, meter, audio))
@@ -253,26 +260,29 @@ class RelaySession:
                 if lease is not None:
                     interval = relay.settings.lease_ttl_seconds / 3
                     group.create_task(heartbeat(relay.limiter, lease, interval, log=self.log))
-        except* _Ended as ended:
+        except* _Ended as ended:  # a peer went away: nothing to explain
             end = ended.exceptions[0]
             assert isinstance(end, _Ended)
-            outcome = end.outcome
-            await self._close(end.close_code)
+            outcome, close_code = end.outcome, end.close_code
         except* RelayError as failed:
-            error = failed.exceptions[0]
-            assert isinstance(error, RelayError)
-            outcome = _OUTCOMES.get(error.code, "error")
-            if isinstance(error, UpstreamError):
-                outcome = "upstream_error"
-            self.log.info("session ended: %s", error.code)
-            await self._close(error.close_code, error)
+            if outcome is None:  # both pumps failed at once: the peer that went away wins
+                first = failed.exceptions[0]
+                assert isinstance(first, RelayError)
+                error = first
+                outcome, close_code = _OUTCOMES.get(error.code, "error"), error.close_code
+                if isinstance(error, UpstreamError):
+                    outcome = "upstream_error"
+                self.log.info("session ended: %s", error.code)
         finally:
-            meter.close(outcome)
-            self.log.info("session closed: outcome=%s", outcome)
-            relay.metrics.upstream_closed(upstream.close_code)
+            # Upstream first: a client that stopped reading must not hold the upstream socket.
             await close_quietly(
                 upstream, CloseCode.NORMAL, relay.settings.upstream.close_timeout_seconds
             )
+            relay.metrics.upstream_closed(upstream.close_code)
+            meter.close(outcome or "error")
+            self.log.info("session closed: outcome=%s", outcome or "error")
+            if outcome is not None:  # else `run` reports the unexpected failure
+                await self._close(close_code, error)
 
     async def _watch(self, tier: TierSettings, meter: SessionMeter) -> None:
         """End the session when it has run too long, been idle too long, or the relay drains."""
@@ -309,22 +319,47 @@ class RelaySession:
                 async with asyncio.timeout(1.0):  # a stuck client must not hold up the others
                     await self._send_error(error)
 
-    async def _start_session(self, upstream: ClientConnection, policy: SessionPolicy) -> None:
-        """Wait for `session.created`, show it (redacted) to the client, inject the server's."""
+    async def _start_session(
+        self, upstream: ClientConnection, policy: SessionPolicy, meter: SessionMeter
+    ) -> None:
+        """Show the client `session.created` (redacted), then inject the server's session.
+
+        Returns once the upstream has accepted it (`session.updated`): a session must never run
+        without the server's instructions and tools. A refusal is logged with its code and
+        reported to the client as `upstream_rejected_session`; its text stays here, since it may
+        describe the server's tools.
+        """
         try:
             async with asyncio.timeout(self.relay.settings.upstream.connect_timeout_seconds):
-                first = await upstream.recv()
+                message = await _text(upstream)
+                start = time.perf_counter()
+                event_type, event, text = policy.upstream_event(message)
+                await self._send_client(text)
+                meter.upstream_event(event_type, event, text, start)
+                if event_type != "session.created":
+                    raise UpstreamError(f"the upstream sent {event_type or 'a non-event'} first")
+                await upstream.send(policy.injected)
+                while event_type != "session.updated":
+                    message = await _text(upstream)
+                    start = time.perf_counter()
+                    event_type, event, text = policy.upstream_event(message)
+                    if event_type == "error" and _caused_by(event, INJECTED_EVENT_ID):
+                        error = event["error"] if event else {}
+                        self.log.warning(
+                            "the upstream refused the injected session: %s (param %s)",
+                            error.get("code"),
+                            error.get("param"),
+                        )
+                        raise UpstreamError(
+                            "the upstream refused the relay's session settings",
+                            code="upstream_rejected_session",
+                        )
+                    await self._send_client(text)
+                    meter.upstream_event(event_type, event, text, start)
         except TimeoutError:
             raise UpstreamError("the upstream did not start a session in time") from None
         except ConnectionClosed as exc:
             raise UpstreamClosedError("the upstream closed before the session started") from exc
-        if isinstance(first, bytes):
-            raise UpstreamError("the upstream sent a binary frame instead of session.created")
-        event_type, _, text = policy.upstream_event(first)
-        await self._send_client(text)
-        if event_type != "session.created":
-            raise UpstreamError(f"the upstream sent {event_type or 'a non-event'} first")
-        await upstream.send(policy.injected)
 
     async def _client_to_upstream(
         self,
@@ -441,7 +476,7 @@ class RelaySession:
 
     async def _send_error(self, exc: RelayError) -> None:
         self.relay.metrics.error("relay", exc.code)
-        event = event_for(exc, event_id=self.relay.event_id(), client_event_id=exc.client_event_id)
+        event = event_for(exc, event_id=self.event_id(), client_event_id=exc.client_event_id)
         await self._send_client(_dumps(event))
 
     async def _close(self, code: int, error: RelayError | None = None) -> None:
@@ -450,16 +485,29 @@ class RelaySession:
             return
         self.client_open = False
         try:
-            if error is not None:
-                self.relay.metrics.error("relay", error.code)
-                event = event_for(
-                    error, event_id=self.relay.event_id(), client_event_id=error.client_event_id
-                )
-                await self.send({"type": "websocket.send", "text": _dumps(event)})
-            reason = error.code if error is not None else ""
-            await self.send({"type": "websocket.close", "code": int(code), "reason": reason})
-        except (OSError, RuntimeError):
-            pass
+            async with asyncio.timeout(self.relay.settings.upstream.close_timeout_seconds):
+                if error is not None:
+                    self.relay.metrics.error("relay", error.code)
+                    event = event_for(
+                        error, event_id=self.event_id(), client_event_id=error.client_event_id
+                    )
+                    await self.send({"type": "websocket.send", "text": _dumps(event)})
+                reason = error.code if error is not None else ""
+                await self.send({"type": "websocket.close", "code": int(code), "reason": reason})
+        except (OSError, RuntimeError, TimeoutError):
+            pass  # the client is gone or stuck; uvicorn drops the connection
+
+
+async def _text(upstream: ClientConnection) -> str:
+    message = await upstream.recv()
+    if isinstance(message, bytes):
+        raise UpstreamError("the upstream sent a binary frame where an event was due")
+    return message
+
+
+def _caused_by(event: dict[str, Any] | None, event_id: str) -> bool:
+    error = event.get("error") if event else None
+    return isinstance(error, dict) and error.get("event_id") == event_id
 
 
 def _dumps(event: Any) -> str:

@@ -251,3 +251,14 @@ async def test_relay_ends_idle_and_overlong_sessions(relay_factory, upstream, ti
     outcome = "idle" if code == "session_idle" else "expired"
     labels = {"tier": "default", "model": "gpt-realtime-mini", "outcome": outcome}
     assert relay.metric("realtime_relay_sessions_total", labels) == 1
+
+
+async def test_anonymous_clients_do_not_share_a_client_cap(relay_factory, upstream):
+    """Anonymous clients have no identity to count: the per-client cap leaves them alone."""
+    tiers = {"default": {"max_sessions_per_client": 1, "max_sessions": 5}}
+    relay = await relay_factory(relay_settings(upstream.url, tiers=tiers))
+    first = await admitted(relay.ws_url)
+    second = await admitted(relay.ws_url)
+    assert first[0] and second[0]
+    for _, ws in (first, second):
+        await ws.close()  # type: ignore[attr-defined]

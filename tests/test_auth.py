@@ -327,17 +327,26 @@ def test_unlisted_origin_is_refused() -> None:
 
 
 def test_own_origin_is_allowed() -> None:
-    """The relay's own origin (the bundled page) is allowed with an empty list, default ports
-    included, and behind a proxy that sets X-Forwarded-Host."""
-    check_origin(headers("http://relay.example:8000"), [])
-    check_origin(headers("https://relay.example", host="relay.example"), [])
-    check_origin(headers("https://relay.example", host="relay.example:443"), [])
+    """The relay's own origin on an IP or localhost (the bundled page) is allowed with an empty
+    list, default ports included, and behind a proxy that sets X-Forwarded-Host."""
+    check_origin(headers("http://127.0.0.1:8000", host="127.0.0.1:8000"), [])
+    check_origin(headers("http://localhost", host="localhost:80"), [])
     check_origin(headers("http://[::1]:8000", host="[::1]:8000"), [])
     check_origin(
-        headers("https://relay.example", host="10.0.0.5:8000", x_forwarded_host="relay.example"), []
+        headers("http://localhost:8080", host="10.0.0.5:8000", x_forwarded_host="localhost:8080"),
+        [],
     )
     with pytest.raises(OriginNotAllowedError):
-        check_origin(headers("http://relay.example:9000"), [])
+        check_origin(headers("http://127.0.0.1:9000", host="127.0.0.1:8000"), [])
+
+
+def test_a_rebound_name_is_not_its_own_origin() -> None:
+    """DNS rebinding: a page on an attacker's name pointed at the relay sends matching Origin
+    and Host; a host name counts as the relay's own only when it is listed."""
+    rebound = headers("http://evil.example:8000", host="evil.example:8000")
+    with pytest.raises(OriginNotAllowedError):
+        check_origin(rebound, [])
+    check_origin(headers("https://relay.example", host="relay.example"), ["https://relay.example"])
 
 
 def test_absent_origin_passes() -> None:

@@ -83,3 +83,11 @@ def test_toml_file_is_read_under_the_environment(env, tmp_path):
 def test_secret_does_not_show(env):
     """The key is a SecretStr: it does not appear in the settings' repr."""
     assert "sk-test-env-key-0000" not in repr(load_settings())
+
+
+@pytest.mark.parametrize("key", ["sha256:zz", "sha256:abcd"])
+def test_malformed_hashed_client_key_is_refused(env, key):
+    """A `sha256:` key that is not 64 hex digits could never match: refuse it at start-up."""
+    env.setenv("RELAY_CLIENT_KEYS", f'{{"{key}": "default"}}')
+    with pytest.raises(ConfigError, match="RELAY_CLIENT_KEYS"):
+        load_settings()

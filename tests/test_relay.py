@@ -313,3 +313,25 @@ async def test_beta_clients_are_told_to_use_ga(relay_factory, upstream):
         assert (await recv_until(ws, "error"))["error"]["code"] == "unsupported_protocol"
         assert (await closed(ws))[0] == 1008
     assert upstream.connections == []
+
+
+async def test_a_refused_injection_ends_the_session(relay_factory, upstream):
+    """If the upstream rejects the server's session, no session runs without it: close 1014."""
+    session = {"instructions": SERVER_INSTRUCTIONS, "extra": {"not_a_field": 1}}
+    relay = await relay_factory(settings_for(upstream, session=session))
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.created")
+        error = await recv_until(ws, "error")
+        assert error["error"]["code"] == "upstream_rejected_session"
+        assert "not_a_field" not in json.dumps(error)  # the server's settings stay private
+        assert (await closed(ws))[0] == 1014
+
+
+async def test_upstream_close_codes_are_counted(relay_factory, upstream):
+    """The relay's own close of the upstream (after the client left) is counted as 1000."""
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.created")
+    await eventually(lambda: not relay.relay.sessions)
+    assert relay.metric("realtime_relay_upstream_closes_total", {"code": "1000"}) == 1
+    assert relay.metric("realtime_relay_upstream_closes_total", {"code": "other"}) == 0
