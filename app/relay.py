@@ -447,17 +447,25 @@ class RelaySession:
         self, event_type: str, text: str, audio: ClientAudio, meter: SessionMeter
     ) -> None:
         """Send an audio event with its audio as binary frames (`wire.py`)."""
-        frames: list[bytes] = []
         if event_type == "response.output_audio.delta":
-            started = time.perf_counter()
             text, frames = audio.delta_frames(text)
-            meter.transcoded(time.perf_counter() - started)
-        elif event_type == "response.output_audio.done":
-            frames = audio.end_of_audio()
+            await self._send_client(text)
+            perf_counter = time.perf_counter
+            while True:
+                started = perf_counter()
+                frame = next(frames, None)
+                if frame is None:
+                    return
+                meter.transcoded(perf_counter() - started)
+                await self._send_client_bytes(frame)
+                await asyncio.sleep(0)  # client audio waiting may go between two 20 ms packets
+        if event_type == "response.output_audio.done":
+            tail = audio.end_of_audio()
         else:  # response.done: a cancelled response leaves a tail that must not leak
+            tail = []
             audio.interrupted()
         await self._send_client(text)
-        for frame in frames:
+        for frame in tail:
             await self._send_client_bytes(frame)
 
     async def _send_client_bytes(self, frame: bytes) -> None:

@@ -19,11 +19,19 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from app.audio import AudioError, Decoder, Encoder, make_decoder, make_encoder
+from app.audio import (
+    FRAME_SAMPLES,
+    AudioError,
+    Decoder,
+    Encoder,
+    OutputCodec,
+    make_decoder,
+    make_encoder,
+)
 from app.errors import InvalidAudioError
 
 AUDIO_IN: Final = 0x01
@@ -32,6 +40,7 @@ OUTPUT_CODECS: Final = ("json", "pcm16", "opus", "g711_ulaw", "g711_alaw")
 _G711_FORMATS: Final = {"g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 _DEFAULT_RATES: Final = {"pcm16": 24_000, "opus": 48_000, "g711_ulaw": 8_000, "g711_alaw": 8_000}
 _PCM24K: Final = {"type": "audio/pcm", "rate": 24000}
+_AUDIO_OUT: Final = bytes((AUDIO_OUT,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,43 +141,52 @@ class ClientAudio:
             return None
         return _append(audio)
 
-    def delta_frames(self, text: str) -> tuple[str, list[bytes]]:
-        """Split a `response.output_audio.delta` into its JSON (audio removed) and binary frames."""
+    def delta_frames(self, text: str) -> tuple[str, Iterator[bytes]]:
+        """Split a `response.output_audio.delta` into its JSON (audio removed) and binary frames.
+
+        The frames are encoded as they are taken, one 20 ms Opus packet at a time, so the relay
+        can send each at once and let client audio in between (an encode of 100 ms at once held
+        the event loop ~0.7 ms).
+        """
         event = json.loads(text)
         try:
             pcm = base64.b64decode(event.get("delta", ""), validate=True)
         except (binascii.Error, ValueError):
-            return text, []  # not ours to judge: forward what the server sent
+            return text, iter(())  # not ours to judge: forward what the server sent
         if self.encoder is None:  # G.711: the upstream's bytes as they are
-            frames = [pcm] if pcm else []
-            samples = len(pcm)
+            frames = [_AUDIO_OUT + pcm] if pcm else []
+            return self._described(event, len(pcm), len(frames)), iter(frames)
+        if len(pcm) % 2:
+            return text, iter(())
+        if self.encoder.codec is OutputCodec.OPUS:
+            count = (self.encoder.pending + len(pcm) // 2) // FRAME_SAMPLES
+            samples = count * FRAME_SAMPLES
         else:
-            before = self.encoder.samples
-            try:
-                frames = self.encoder.encode(pcm)
-            except AudioError:
-                return text, []
-            samples = self.encoder.samples - before
-        return self._described(event, samples, frames)
+            count, samples = (1 if pcm else 0), len(pcm) // 2
+        return self._described(event, samples, count), self._encoded(self.encoder, pcm)
+
+    @staticmethod
+    def _encoded(encoder: Encoder, pcm: bytes) -> Iterator[bytes]:
+        step = FRAME_SAMPLES * 2 if encoder.codec is OutputCodec.OPUS else len(pcm)
+        for at in range(0, len(pcm), step):
+            for packet in encoder.encode(pcm[at : at + step]):
+                yield _AUDIO_OUT + packet
 
     def end_of_audio(self) -> list[bytes]:
         """At `response.output_audio.done`: the encoder's padded tail, as frames."""
         if self.encoder is None:
             return []
-        return [bytes((AUDIO_OUT,)) + packet for packet in self.encoder.flush()]
+        return [_AUDIO_OUT + packet for packet in self.encoder.flush()]
 
     def interrupted(self) -> None:
         """At the end of a response: drop any tail that was not flushed."""
         if self.encoder is not None:
             self.encoder.reset()
 
-    def _described(
-        self, event: dict[str, Any], samples: int, frames: list[bytes]
-    ) -> tuple[str, list[bytes]]:
+    def _described(self, event: dict[str, Any], samples: int, frames: int) -> str:
         event["delta"] = ""
-        event["relay_audio"] = {**self._relay_audio, "samples": samples, "frames": len(frames)}
-        header = bytes((AUDIO_OUT,))
-        return json.dumps(event, separators=(",", ":")), [header + frame for frame in frames]
+        event["relay_audio"] = {**self._relay_audio, "samples": samples, "frames": frames}
+        return json.dumps(event, separators=(",", ":"))
 
 
 def _append(audio: bytes) -> str | None:
