@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from app.config import ConfigError, load_settings
@@ -91,3 +95,13 @@ def test_malformed_hashed_client_key_is_refused(env, key):
     env.setenv("RELAY_CLIENT_KEYS", f'{{"{key}": "default"}}')
     with pytest.raises(ConfigError, match="RELAY_CLIENT_KEYS"):
         load_settings()
+
+
+def test_the_server_refuses_to_start_without_a_key():
+    """`python -m app` (the image's command) never falls back to the demo: it names the key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RELAY_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "app"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert "OPENAI_API_KEY" in done.stderr
