@@ -385,7 +385,7 @@ class RelaySession:
                     await self._send_error(exc)
                     continue
                 try:
-                    if event_type == "input_audio_buffer.commit" and audio.decoder.samples:
+                    if event_type == "input_audio_buffer.commit":  # rare: once a turn
                         tail = audio.flush_event()
                         if tail is not None:
                             await forward(tail)
