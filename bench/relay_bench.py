@@ -490,6 +490,16 @@ async def load(args: argparse.Namespace) -> None:
     stats = LoadStats()
     mono = time.monotonic_ns
 
+    async def ask_for_answer(send: Any, now: int) -> None:
+        """Commit the turn and ask for a response, both stamped like every event."""
+        await send(f'{{"type":"input_audio_buffer.commit","event_id":"t:{mono()}"}}')
+        await send(
+            f'{{"type":"response.create","event_id":"t:{mono()}",'
+            '"response":{"output_modalities":["audio"]}}'
+        )
+        if t0 <= now < t1:
+            stats.sent += 2
+
     async def writer(ws: Any, phase: int, k: int) -> None:
         send, sleep = ws.send, asyncio.sleep
         lag = stats.lag_us.append
@@ -506,13 +516,7 @@ async def load(args: argparse.Namespace) -> None:
                     lag((now - due) // 1000)
                 k += 1
                 if k % turn_chunks == 0:
-                    await send(f'{{"type":"input_audio_buffer.commit","event_id":"t:{mono()}"}}')
-                    await send(
-                        f'{{"type":"response.create","event_id":"t:{mono()}",'
-                        '"response":{"output_modalities":["audio"]}}'
-                    )
-                    if t0 <= now < t1:
-                        stats.sent += 2
+                    await ask_for_answer(send, now)
                 due += chunk_ns
         except ConnectionClosed:
             stats.dropped += 1
@@ -547,13 +551,7 @@ async def load(args: argparse.Namespace) -> None:
                 j += 1
                 k += 1
                 if k % turn_chunks == 0:
-                    await send(f'{{"type":"input_audio_buffer.commit","event_id":"t:{mono()}"}}')
-                    await send(
-                        f'{{"type":"response.create","event_id":"t:{mono()}",'
-                        '"response":{"output_modalities":["audio"]}}'
-                    )
-                    if t0 <= now < t1:
-                        stats.sent += 2
+                    await ask_for_answer(send, now)
                 due += chunk_ns
         except ConnectionClosed:
             stats.dropped += 1
