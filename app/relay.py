@@ -225,8 +225,10 @@ class RelaySession:
     async def _audio(self, query: dict[str, list[str]]) -> ClientAudio:
         """The session's codecs; bad parameters are reported and the defaults used instead."""
         try:
-            passthrough = self.relay.settings.session.g711_passthrough
-            return ClientAudio(audio_options(query, passthrough))
+            session = self.relay.settings.session
+            return ClientAudio(
+                audio_options(query, session.g711_passthrough, session.opus_complexity)
+            )
         except InvalidAudioError as exc:
             await self._send_error(exc)
             return ClientAudio(AudioOptions())

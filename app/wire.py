@@ -51,7 +51,8 @@ class AudioOptions:
     input_rate: int = 24_000
     output_codec: str = "json"
     output_bitrate: int = 32_000
-    g711_passthrough: bool = True
+    g711_passthrough: bool = True  # server settings from here on, not the client's to choose
+    opus_complexity: int = 2
 
     @property
     def input_format(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class AudioOptions:
 
 
 def audio_options(
-    query: Mapping[str, Sequence[str]], g711_passthrough: bool = True
+    query: Mapping[str, Sequence[str]], g711_passthrough: bool = True, opus_complexity: int = 2
 ) -> AudioOptions:
     """Read the codec parameters of a connect URL.
 
@@ -89,7 +90,7 @@ def audio_options(
         bitrate = int(one("output_bitrate", "32000"))
     except ValueError:
         raise InvalidAudioError("input_rate and output_bitrate are integers") from None
-    return AudioOptions(input_codec, rate, output_codec, bitrate, g711_passthrough)
+    return AudioOptions(input_codec, rate, output_codec, bitrate, g711_passthrough, opus_complexity)
 
 
 class ClientAudio:
@@ -104,7 +105,7 @@ class ClientAudio:
         try:
             self.decoder: Decoder = make_decoder(options.input_codec, options.input_rate, target)
             self.encoder: Encoder | None = (
-                make_encoder(options.output_codec, options.output_bitrate)
+                make_encoder(options.output_codec, options.output_bitrate, options.opus_complexity)
                 if options.output_codec in ("pcm16", "opus")
                 else None
             )
