@@ -41,8 +41,21 @@ if [ "$mode" = test ]; then
   want espeak-ng espeak-ng
   want sox sox
   want promtool prometheus
+  want firefox-esr firefox-esr
+  want node nodejs
+  want npm npm
 fi
 install_system_packages
+
+if [ "$mode" = test ]; then
+  # The Firefox page test's driver (tests/firefox); installed again when its lock file changes.
+  lock=tests/firefox/package-lock.json
+  npm_stamp="tests/firefox/node_modules/.installed-$(sha256sum "$lock" | cut -c1-16)"
+  if [ ! -f "$npm_stamp" ]; then
+    npm ci --prefix tests/firefox --no-audit --no-fund --loglevel=error
+    touch "$npm_stamp"
+  fi
+fi
 
 extras=""
 [ "$mode" = test ] && extras="[dev]"

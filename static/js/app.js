@@ -107,6 +107,13 @@ function mode() {
 
 // -- connecting -------------------------------------------------------------------------------
 
+const RESUME_TIMEOUT_MS = 5000;
+
+/** A promise that rejects with `message` after `ms`. */
+function timeout(ms, message) {
+  return new Promise((_, reject) => setTimeout(() => reject(new Error(message)), ms));
+}
+
 async function connect() {
   showError("");
   if (!options) await loadOptions();
@@ -136,7 +143,9 @@ async function connect() {
   window.relayStats = session.stats;
   setState("connecting");
   try {
-    await resumed;
+    // Firefox with no output device never settles resume(): say so instead of waiting forever.
+    const stuck = "the browser could not start audio output (is a sound device available?)";
+    await Promise.race([resumed, timeout(RESUME_TIMEOUT_MS, stuck)]);
     await loadWorklets(ctx);
     await session.connect();
   } catch (error) {
