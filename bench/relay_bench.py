@@ -181,26 +181,10 @@ def speech_pcm(tmp: Path) -> tuple[Any, str]:
 
 def opus_packets(pcm: Any) -> list[bytes]:
     """Raw 20 ms Opus packets of int16 48 kHz mono at 32 kbps, as WebCodecs' AudioEncoder makes."""
-    import av
-    import numpy as np
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.audio_tools import opus_packets as encode
 
-    enc = av.CodecContext.create("libopus", "w")
-    enc.sample_rate, enc.layout, enc.format, enc.bit_rate = OPUS_RATE, "mono", "s16", OPUS_BITRATE
-    enc.options = {"frame_duration": "20", "application": "voip"}
-    enc.open()
-    n = enc.frame_size
-    if n != OPUS_RATE // 50:
-        sys.exit(f"libopus frame size {n}, expected 20 ms")
-    padded = np.concatenate([pcm, np.zeros(-len(pcm) % n, np.int16)])
-    packets: list[bytes] = []
-    for i in range(0, len(padded), n):
-        frame = av.AudioFrame.from_ndarray(
-            padded[None, i : i + n].copy(), format="s16", layout="mono"
-        )
-        frame.sample_rate, frame.pts = OPUS_RATE, i
-        packets.extend(bytes(p) for p in enc.encode(frame))
-    packets.extend(bytes(p) for p in enc.encode(None))
-    return packets
+    return encode(pcm, OPUS_RATE, OPUS_BITRATE)
 
 
 def write_packets(path: Path, packets: list[bytes]) -> None:

@@ -52,6 +52,14 @@ async def received_audio(upstream, size: int) -> bytes:
             await asyncio.sleep(0.02)
 
 
+async def open_push_to_talk(relay, query: str = ""):
+    """A session with server VAD off: the test commits and asks for answers itself."""
+    ws = await open_session(relay, query)
+    await ws.send(json.dumps(PTT))
+    await events_until(ws, "session.updated")
+    return ws
+
+
 def frames_of(pcm: np.ndarray, samples: int) -> list[bytes]:
     data = pcm.astype("<i2").tobytes()
     step = samples * 2
@@ -92,9 +100,7 @@ async def test_pcm_at_any_rate_arrives_at_24k(relay, upstream, speech, rate):
 
 async def test_commit_flushes_the_resampler(relay, upstream, speech):
     """Push-to-talk: a commit sends what the resampler holds first, so no tail is cut off."""
-    ws = await open_session(relay, "input_codec=pcm16&input_rate=8000")
-    await ws.send(json.dumps(PTT))
-    await events_until(ws, "session.updated")
+    ws = await open_push_to_talk(relay, "input_codec=pcm16&input_rate=8000")
     for frame in frames_of(speech(8000), 160):
         await ws.send(frame)
     await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
@@ -106,9 +112,7 @@ async def test_commit_flushes_the_resampler(relay, upstream, speech):
 
 async def test_opus_output_decodes_to_the_upstream_audio(relay, upstream, speech):
     """With output_codec=opus, deltas come as 20 ms Opus frames matching the upstream's PCM."""
-    ws = await open_session(relay, "output_codec=opus&output_bitrate=32000")
-    await ws.send(json.dumps(PTT))
-    await events_until(ws, "session.updated")
+    ws = await open_push_to_talk(relay, "output_codec=opus&output_bitrate=32000")
     for frame in frames_of(speech(24000), 480):
         await ws.send(frame)
     await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
@@ -134,9 +138,7 @@ async def test_opus_output_decodes_to_the_upstream_audio(relay, upstream, speech
 
 async def test_g711_passes_through_both_ways(relay, upstream, speech):
     """G.711 µ-law in and out: the upstream session uses audio/pcmu and bytes pass unchanged."""
-    ws = await open_session(relay, "input_codec=g711_ulaw&output_codec=g711_ulaw")
-    await ws.send(json.dumps(PTT))
-    await events_until(ws, "session.updated")
+    ws = await open_push_to_talk(relay, "input_codec=g711_ulaw&output_codec=g711_ulaw")
     ulaw = bytes(range(256)) * 40  # 1.28 s of every code
     for i in range(0, len(ulaw), 160):
         await ws.send(b"\x01" + ulaw[i : i + 160])
