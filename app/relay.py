@@ -17,12 +17,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
 
 from app.auth import Authenticator, CredentialKind, Identity, check_origin, credential_from
 from app.config import Settings, TierSettings
@@ -41,6 +42,14 @@ from app.errors import (
     UpstreamClosedError,
     UpstreamError,
     event_for,
+)
+from app.legs import (
+    DIRECT_EXTENSION,
+    AsgiLeg,
+    ClientGoneError,
+    ClientLeg,
+    UpstreamConnection,
+    UpstreamGoneError,
 )
 from app.limits import Lease, Limiter, admit, heartbeat, session_caps
 from app.metrics import RelayMetrics, SessionMeter
@@ -161,7 +170,8 @@ class RelaySession:
         self.id = uuid.uuid4().hex
         self.log = logging.LoggerAdapter(logger, {"session": self.id, "tier": "-"})
         self.client_open = False
-        self.upstream: ClientConnection | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.leg: ClientLeg | None = None  # set while the data plane runs
         self.stopping = asyncio.Event()  # set by a drain: end the session with 1012
         self._event_ids = itertools.count(1)
 
@@ -255,9 +265,9 @@ class RelaySession:
             # Inject the server's session before any client event is read: client frames wait in
             # the server's bounded receive queue meanwhile, in order (REALTIME.md §12.1).
             await self._start_session(upstream, policy, meter)
+            pipe = _Pipe(self, self._client_leg(), upstream, policy, meter, audio)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._client_to_upstream(upstream, policy, meter, audio))
-                group.create_task(self._upstream_to_client(upstream, policy, meter, audio))
+                group.create_task(pipe.run())
                 group.create_task(self._watch(relay.settings.tiers[identity.tier], meter))
                 if lease is not None:
                     interval = relay.settings.lease_ttl_seconds / 3
@@ -285,6 +295,13 @@ class RelaySession:
             self.log.info("session closed: outcome=%s", outcome or "error")
             if outcome is not None:  # else `run` reports the unexpected failure
                 await self._close(close_code, error)
+
+    def _client_leg(self) -> ClientLeg:
+        """The client socket as the data plane drives it: direct under `server_config`."""
+        direct = (self.scope.get("extensions") or {}).get(DIRECT_EXTENSION)
+        leg: ClientLeg = direct["leg"] if direct else AsgiLeg(self.receive, self.send)
+        self.leg = leg
+        return leg
 
     async def _watch(self, tier: TierSettings, meter: SessionMeter) -> None:
         """End the session when it has run too long, been idle too long, or the relay drains."""
@@ -322,7 +339,7 @@ class RelaySession:
                     await self._send_error(error)
 
     async def _start_session(
-        self, upstream: ClientConnection, policy: SessionPolicy, meter: SessionMeter
+        self, upstream: UpstreamConnection, policy: SessionPolicy, meter: SessionMeter
     ) -> None:
         """Show the client `session.created` (redacted), then inject the server's session.
 
@@ -363,121 +380,14 @@ class RelaySession:
         except ConnectionClosed as exc:
             raise UpstreamClosedError("the upstream closed before the session started") from exc
 
-    async def _client_to_upstream(
-        self,
-        upstream: ClientConnection,
-        policy: SessionPolicy,
-        meter: SessionMeter,
-        audio: ClientAudio,
-    ) -> None:
-        receive, forward = self.receive, upstream.send
-        decide, count = policy.client_event, meter.client_event
-        limit = self.relay.settings.client_max_message_bytes
-        perf_counter = time.perf_counter
-        while True:
-            message = await receive()
-            start = perf_counter()
-            text = message.get("text")
-            if text is not None:
-                if len(text) > limit:
-                    raise MessageTooBigError(f"frames are limited to {limit} bytes")
-                try:
-                    event_type, event = decide(text)
-                except ClientError as exc:
-                    await self._send_error(exc)
-                    continue
-                try:
-                    if event_type == "input_audio_buffer.commit":  # rare: once a turn
-                        tail = audio.flush_event()
-                        if tail is not None:
-                            await forward(tail)
-                    await forward(text)
-                except ConnectionClosed:
-                    raise UpstreamClosedError("the upstream connection closed") from None
-                count(event_type, event, len(text), start)
-            elif message["type"] == "websocket.disconnect":
-                self.client_open = False
-                raise _Ended("client_closed", CloseCode.NORMAL)
-            elif (frame := message.get("bytes")) is not None:
-                if len(frame) > limit:
-                    raise MessageTooBigError(f"frames are limited to {limit} bytes")
-                try:
-                    append = audio.append_event(frame)
-                except InvalidAudioError as exc:
-                    await self._send_error(exc)
-                    continue
-                decoded = perf_counter()
-                if append is not None:
-                    try:
-                        await forward(append)
-                    except ConnectionClosed:
-                        raise UpstreamClosedError("the upstream connection closed") from None
-                meter.client_audio(len(frame), start, decoded)
-
-    async def _upstream_to_client(
-        self,
-        upstream: ClientConnection,
-        policy: SessionPolicy,
-        meter: SessionMeter,
-        audio: ClientAudio,
-    ) -> None:
-        decide, count, send_text = policy.upstream_event, meter.upstream_event, self._send_client
-        perf_counter = time.perf_counter
-        binary_output = audio.binary_output
-        try:
-            async for message in upstream:
-                start = perf_counter()
-                if isinstance(message, bytes):
-                    self.log.warning("dropped a binary frame from the upstream")
-                    continue
-                event_type, event, text = decide(message)
-                if binary_output and event_type in _AUDIO_OUTPUT_EVENTS:
-                    await self._send_binary_audio(event_type, text, audio, meter)
-                else:
-                    await send_text(text)
-                count(event_type, event, text, start)
-        except ConnectionClosedOK:
-            pass
-        except ConnectionClosed as exc:
-            raise UpstreamClosedError("the upstream connection was lost") from exc
-        code = upstream.close_code
-        if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
-            raise _Ended("completed", code)
-        raise UpstreamClosedError(f"the upstream closed the session ({code})")
-
-    async def _send_binary_audio(
-        self, event_type: str, text: str, audio: ClientAudio, meter: SessionMeter
-    ) -> None:
-        """Send an audio event with its audio as binary frames (`wire.py`)."""
-        if event_type == "response.output_audio.delta":
-            text, frames = audio.delta_frames(text)
-            await self._send_client(text)
-            perf_counter = time.perf_counter
-            while True:
-                started = perf_counter()
-                frame = next(frames, None)
-                if frame is None:
-                    return
-                meter.transcoded(perf_counter() - started)
-                await self._send_client_bytes(frame)
-                await asyncio.sleep(0)  # client audio waiting may go between two 20 ms packets
-        if event_type == "response.output_audio.done":
-            tail = audio.end_of_audio()
-        else:  # response.done: a cancelled response leaves a tail that must not leak
-            tail = []
-            audio.interrupted()
-        await self._send_client(text)
-        for frame in tail:
-            await self._send_client_bytes(frame)
-
-    async def _send_client_bytes(self, frame: bytes) -> None:
-        try:
-            await self.send({"type": "websocket.send", "bytes": frame})
-        except (OSError, RuntimeError):
-            self.client_open = False
-            raise _Ended("client_closed", CloseCode.NORMAL) from None
-
     async def _send_client(self, text: str) -> None:
+        if self.leg is not None:  # the data plane runs: one writer, in order
+            try:
+                self.leg.send_text(text)
+            except ClientGoneError:
+                self.client_open = False
+                raise _Ended("client_closed", CloseCode.NORMAL) from None
+            return
         try:
             await self.send({"type": "websocket.send", "text": text})
         except (OSError, RuntimeError):  # uvicorn: ClientDisconnected, or sent after close
@@ -496,6 +406,8 @@ class RelaySession:
         self.client_open = False
         try:
             async with asyncio.timeout(self.relay.settings.upstream.close_timeout_seconds):
+                if self.leg is not None:
+                    await self.leg.finish()  # what the data plane sent comes first
                 if error is not None:
                     self.relay.metrics.error("relay", error.code)
                     event = event_for(
@@ -508,11 +420,222 @@ class RelaySession:
             pass  # the client is gone or stuck; uvicorn drops the connection
 
 
-async def _text(upstream: ClientConnection) -> str:
-    message = await upstream.recv()
-    if isinstance(message, bytes):
+class _Pipe:
+    """A session's data plane: each message in, decided by the policy, out the other side.
+
+    It runs inside the legs' protocol callbacks (`legs.py`), one message at a time, with no task
+    per message, and ends the session by settling `ended`: with `_Ended` when a peer leaves, with
+    a `RelayError` to explain. Binary audio output is paced: one 20 ms packet is encoded per
+    event-loop turn, so client audio goes in between, and upstream events wait behind the
+    packets of the delta before them.
+    """
+
+    def __init__(
+        self,
+        session: RelaySession,
+        client: ClientLeg,
+        upstream: UpstreamConnection,
+        policy: SessionPolicy,
+        meter: SessionMeter,
+        audio: ClientAudio,
+    ) -> None:
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = self.loop.create_future()
+        self.client, self.upstream = client, upstream
+        self.policy, self.meter, self.audio = policy, meter, audio
+        self.limit = session.relay.settings.client_max_message_bytes
+        self.binary_output = audio.binary_output
+        # While binary audio frames are being paced out: the frames left, and upstream messages
+        # (or its close) that arrived meanwhile, in order.
+        self._frames: Iterator[bytes] | None = None
+        self._backlog: deque[bytes | None] = deque()
+        self._client_write_paused = False
+
+    async def run(self) -> None:
+        self.upstream.attach(self)
+        self.client.attach(self)
+        try:
+            await self.ended
+        finally:
+            if not self.ended.done():
+                self.ended.cancel()
+            # The close handshakes need both sockets read again; the pipe ignores what comes.
+            self.client.resume_reading()
+            self.upstream.resume_reading()
+
+    def _end(self, reason: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(reason)
+
+    def _error(self, exc: RelayError) -> None:
+        """Tell the client about a refused event; the session goes on."""
+        session = self.session
+        session.relay.metrics.error("relay", exc.code)
+        event = event_for(exc, event_id=session.event_id(), client_event_id=exc.client_event_id)
+        self.client.send_text(_dumps(event))
+
+    # -- client -> upstream
+
+    def client_text(self, text: str) -> None:
+        if self.ended.done():
+            return
+        start = time.perf_counter()
+        try:
+            if len(text) > self.limit:
+                raise MessageTooBigError(f"frames are limited to {self.limit} bytes")
+            try:
+                event_type, event = self.policy.client_event(text)
+            except ClientError as exc:
+                self._error(exc)
+                return
+            if event_type == "input_audio_buffer.commit":  # rare: once a turn
+                tail = self.audio.flush_event()
+                if tail is not None:
+                    self.upstream.send_text(tail)
+            self.upstream.send_text(text)
+            self.meter.client_event(event_type, event, len(text), start)
+        except Exception as exc:
+            self._failed(exc)
+
+    def client_bytes(self, frame: bytes) -> None:
+        if self.ended.done():
+            return
+        start = time.perf_counter()
+        try:
+            if len(frame) > self.limit:
+                raise MessageTooBigError(f"frames are limited to {self.limit} bytes")
+            try:
+                append = self.audio.append_event(frame)
+            except InvalidAudioError as exc:
+                self._error(exc)
+                return
+            decoded = time.perf_counter()
+            if append is not None:
+                self.upstream.send_text(append)
+            self.meter.client_audio(len(frame), start, decoded)
+        except Exception as exc:
+            self._failed(exc)
+
+    def client_closed(self) -> None:
+        self.session.client_open = False
+        self._end(_Ended("client_closed", CloseCode.NORMAL))
+
+    def client_write_paused(self, paused: bool) -> None:
+        self._client_write_paused = paused
+        if paused:
+            self.upstream.pause_reading()
+        else:
+            self.upstream.resume_reading()
+            if self._frames is not None:
+                self.loop.call_soon(self._pace)
+
+    # -- upstream -> client
+
+    def upstream_text(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        if self._frames is not None:  # behind the audio frames of an earlier delta
+            self._backlog.append(data)
+            return
+        start = time.perf_counter()
+        try:
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                raise UpstreamError("the upstream sent a frame that is not UTF-8") from None
+            event_type, event, text = self.policy.upstream_event(text)
+            if self.binary_output and event_type in _AUDIO_OUTPUT_EVENTS:
+                self._binary_audio(event_type, text)
+            else:
+                self.client.send_text(text)
+            self.meter.upstream_event(event_type, event, text, start)
+        except Exception as exc:
+            self._failed(exc)
+
+    def _binary_audio(self, event_type: str, text: str) -> None:
+        """Send an audio event with its audio as binary frames (`wire.py`)."""
+        audio, client = self.audio, self.client
+        if event_type == "response.output_audio.delta":
+            text, frames = audio.delta_frames(text)
+            client.send_text(text)
+            self._frames = frames
+            self.loop.call_soon(self._pace)
+            return
+        if event_type == "response.output_audio.done":
+            tail = audio.end_of_audio()
+        else:  # response.done: a cancelled response leaves a tail that must not leak
+            tail = []
+            audio.interrupted()
+        client.send_text(text)
+        for frame in tail:
+            client.send_bytes(frame)
+
+    def _pace(self) -> None:
+        """Encode and send the next packet of a delta; then what waited behind it."""
+        frames = self._frames
+        if frames is None or self.ended.done() or self._client_write_paused:
+            return  # `client_write_paused(False)` calls again
+        try:
+            started = time.perf_counter()
+            frame = next(frames, None)
+            if frame is not None:
+                self.meter.transcoded(time.perf_counter() - started)
+                self.client.send_bytes(frame)
+                self.loop.call_soon(self._pace)
+                return
+            self._frames = None
+            backlog = self._backlog
+            while backlog and self._frames is None:
+                data = backlog.popleft()
+                if data is None:
+                    self.upstream_closed()
+                else:
+                    self.upstream_text(data)
+        except Exception as exc:
+            self._failed(exc)
+
+    def upstream_binary(self, data: bytes) -> None:
+        self.session.log.warning("dropped a binary frame from the upstream")
+
+    def upstream_closed(self) -> None:
+        if self._frames is not None:  # the audio before it goes out first
+            self._backlog.append(None)
+            return
+        code = self.upstream.close_code
+        if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            self._end(_Ended("completed", code))
+        elif code is None or code == 1006:  # no close frame: the socket was lost
+            self._end(UpstreamClosedError("the upstream connection was lost"))
+        else:
+            self._end(UpstreamClosedError(f"the upstream closed the session ({code})"))
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        if paused:
+            self.client.pause_reading()
+        else:
+            self.client.resume_reading()
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, ClientGoneError):
+            self.client_closed()
+        elif isinstance(exc, UpstreamGoneError):
+            self._end(UpstreamClosedError("the upstream connection closed"))
+        else:
+            self._end(exc)
+
+
+async def _text(upstream: UpstreamConnection) -> str:
+    message = await upstream.next_message()
+    if message is None:
+        raise UpstreamClosedError("the upstream closed before the session started")
+    opcode, data = message
+    if opcode is not Opcode.TEXT:
         raise UpstreamError("the upstream sent a binary frame where an event was due")
-    return message
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UpstreamError("the upstream sent a frame that is not UTF-8") from None
 
 
 def _caused_by(event: dict[str, Any] | None, event_id: str) -> bool:

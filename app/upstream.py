@@ -18,6 +18,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from app.config import Settings, UpstreamKind
 from app.errors import UpstreamError, UpstreamRefusedError
+from app.legs import UpstreamConnection
 
 USER_AGENT = "realtime-relay/0.1"
 
@@ -77,7 +78,7 @@ class Upstream:
             target = self._targets[model] = build_target(self._fallback, model)
         return target
 
-    async def connect(self, model: str) -> ClientConnection:
+    async def connect(self, model: str) -> UpstreamConnection:
         """Open a session's upstream socket.
 
         Raises:
@@ -87,8 +88,9 @@ class Upstream:
         target = self.target(model)
         upstream = self.settings
         try:
-            return await connect(
+            connection = await connect(
                 target.url,
+                create_connection=UpstreamConnection,
                 additional_headers=target.headers,
                 user_agent_header=USER_AGENT,
                 open_timeout=upstream.connect_timeout_seconds,
@@ -106,6 +108,8 @@ class Upstream:
             raise UpstreamError("the upstream did not answer in time") from exc
         except (OSError, InvalidHandshake) as exc:
             raise UpstreamError("the upstream could not be reached") from exc
+        assert isinstance(connection, UpstreamConnection)
+        return connection
 
 
 async def close_quietly(connection: ClientConnection, code: int, within: float) -> None:

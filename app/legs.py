@@ -1,0 +1,384 @@
+"""A session's two sockets as message callbacks: how the relay's data plane reads and writes.
+
+The relay's hot path is one event in, one event out. Run as two pump tasks, it paid a task
+wake-up per message on each side, and uvicorn's ASGI receive path paused and resumed reading the
+client socket around every message; that machinery was most of the relay's CPU per event
+(bench/relay_bench.py under py-spy). Here each leg hands every complete message to a sink from
+its protocol's `data_received`, and the sink writes to the other leg at once, synchronously.
+Flow control is a proxy's (nginx's): when one side's write buffer is over its high-water mark,
+the other side stops reading until it drains. (STYLE.md asks for backpressure by awaiting
+`send()`; a callback cannot await, and pausing the reader is the same bound without the task.)
+
+- `DirectWebSocketProtocol`: uvicorn's sans-I/O WebSocket protocol (`ws="websockets-sansio"`)
+  that offers itself as the client leg through the `realtime_relay.direct` ASGI extension.
+  `main.server_config` selects it.
+- `AsgiLeg`: the same contract over plain ASGI `receive`/`send`, for any other server
+  (`uvicorn app.main:app` with its default WebSocket protocol, Hypercorn...), at the cost of a
+  task each way.
+- `UpstreamConnection`: websockets' asyncio client connection (through its `create_connection`
+  hook) handing text messages to a sink instead of its receive queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final, Protocol, cast
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.asyncio.client import ClientConnection
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+
+DIRECT_EXTENSION: Final = "realtime_relay.direct"
+
+Message = MutableMapping[str, Any]
+
+
+class ClientGoneError(Exception):
+    """The client's socket is closed: nothing more can be sent to it."""
+
+
+class UpstreamGoneError(Exception):
+    """The upstream socket is closing or closed: nothing more can be sent to it."""
+
+
+class ClientSink(Protocol):
+    """What a client leg calls, from its protocol callbacks, once a sink is attached."""
+
+    def client_text(self, text: str) -> None: ...
+    def client_bytes(self, data: bytes) -> None: ...
+    def client_closed(self) -> None: ...
+    def client_write_paused(self, paused: bool) -> None: ...
+
+
+class UpstreamSink(Protocol):
+    """What `UpstreamConnection` calls, from its protocol callbacks."""
+
+    def upstream_text(self, data: bytes) -> None: ...
+    def upstream_binary(self, data: bytes) -> None: ...
+    def upstream_closed(self) -> None: ...
+    def upstream_write_paused(self, paused: bool) -> None: ...
+
+
+class ClientLeg(Protocol):
+    """The client's socket as the data plane uses it.
+
+    `attach` delivers the messages that arrived before it, in order, then every later one.
+    `send_*` write at once and raise `ClientGoneError` once the client is gone; `finish` sends
+    whatever a leg still holds (only `AsgiLeg` holds anything) before the session closes.
+    """
+
+    def attach(self, sink: ClientSink) -> None: ...
+    def send_text(self, text: str) -> None: ...
+    def send_bytes(self, data: bytes) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    async def finish(self) -> None: ...
+
+
+class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, with direct delivery to an attached sink.
+
+    Until `attach`, it is uvicorn's protocol unchanged: the ASGI app's `receive` reads a queue.
+    After, each complete message goes to the sink from `data_received`, without the queue and
+    without uvicorn's pause and resume of reading around each message. This extends uvicorn's
+    internals (its `queue`, `frames` and flags), so pyproject.toml pins the uvicorn versions
+    the tests ran against.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink: ClientSink | None = None
+        self._paused_by_relay = False
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if self.response.status_code == 101:  # the ASGI task it started has not run yet
+            self.scope["extensions"][DIRECT_EXTENSION] = {"leg": self}
+
+    def attach(self, sink: ClientSink) -> None:
+        self.sink = sink
+        while not self.queue.empty():  # what arrived while the session was being set up
+            _deliver(cast(Message, self.queue.get_nowait()), sink)
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def send_receive_event_to_app(self) -> None:
+        sink = self.sink
+        if sink is None or self.close_sent:
+            super().send_receive_event_to_app()
+            return
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.frames = []
+        if self.curr_msg_data_type == "bytes":
+            sink.client_bytes(data)
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:  # uvicorn closes with 1007; connection_lost tells the sink
+            self.frames = [data]
+            super().send_receive_event_to_app()
+            return
+        sink.client_text(text)
+
+    def send_text(self, text: str) -> None:
+        if self.close_sent or self.disconnected:
+            raise ClientGoneError
+        self.conn.send_text(text.encode())
+        self.transport.write(b"".join(self.conn.data_to_send()))
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.close_sent or self.disconnected:
+            raise ClientGoneError
+        self.conn.send_binary(data)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+
+    def pause_reading(self) -> None:
+        if not self._paused_by_relay:
+            self._paused_by_relay = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused_by_relay:
+            self._paused_by_relay = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    async def finish(self) -> None:
+        pass  # every send was written at once
+
+    def handle_close(self, event: Frame) -> None:
+        super().handle_close(event)
+        if self.sink is not None:
+            self.sink.client_closed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.sink is not None:
+            self.sink.client_closed()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.sink is not None:
+            self.sink.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.sink is not None:
+            self.sink.client_write_paused(False)
+
+
+def _deliver(message: Message, sink: ClientSink) -> None:
+    text = message.get("text")
+    if text is not None:
+        sink.client_text(text)
+    elif message["type"] == "websocket.disconnect":
+        sink.client_closed()
+    elif (data := message.get("bytes")) is not None:
+        sink.client_bytes(data)
+
+
+class AsgiLeg:
+    """The client leg over ASGI `receive`/`send`: works under any ASGI server.
+
+    A reader task feeds the sink; sends go to a bounded-by-flow-control outbox that a writer
+    task drains, telling the sink to pause the upstream while it holds more than `high` messages.
+    """
+
+    def __init__(
+        self,
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+        high: int = 64,
+    ) -> None:
+        self._receive, self._send = receive, send
+        self._high, self._low = high, high // 4
+        self._outbox: deque[Message] = deque()
+        self._ready = asyncio.Event()
+        self._reading = asyncio.Event()
+        self._reading.set()
+        self._sink: ClientSink | None = None
+        self._write_paused = False
+        self._gone = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def attach(self, sink: ClientSink) -> None:
+        self._sink = sink
+        self._tasks = {
+            asyncio.create_task(self._read(sink)),
+            asyncio.create_task(self._write(sink)),
+        }
+
+    async def _read(self, sink: ClientSink) -> None:
+        while True:
+            await self._reading.wait()
+            message = await self._receive()
+            _deliver(message, sink)
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def _write(self, sink: ClientSink) -> None:
+        outbox = self._outbox
+        while True:
+            await self._ready.wait()
+            while outbox:
+                try:
+                    await self._send(outbox[0])  # taken off once sent: `finish` sends the rest
+                except (OSError, RuntimeError):  # uvicorn: ClientDisconnected, or after close
+                    self._gone = True
+                    sink.client_closed()
+                    return
+                outbox.popleft()
+                if self._write_paused and len(outbox) <= self._low:
+                    self._write_paused = False
+                    sink.client_write_paused(False)
+            self._ready.clear()
+
+    def _queue(self, message: Message) -> None:
+        if self._gone:
+            raise ClientGoneError
+        self._outbox.append(message)
+        self._ready.set()
+        if not self._write_paused and len(self._outbox) > self._high and self._sink is not None:
+            self._write_paused = True
+            self._sink.client_write_paused(True)
+
+    def send_text(self, text: str) -> None:
+        self._queue({"type": "websocket.send", "text": text})
+
+    def send_bytes(self, data: bytes) -> None:
+        self._queue({"type": "websocket.send", "bytes": data})
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    async def finish(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = set()
+        while self._outbox and not self._gone:
+            try:
+                await self._send(self._outbox.popleft())
+            except (OSError, RuntimeError):
+                self._gone = True
+
+
+class _Inbox:
+    """Holds upstream messages until the data plane attaches (the session's start reads it)."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[tuple[Opcode, bytes] | None] = asyncio.Queue()
+
+    def upstream_text(self, data: bytes) -> None:
+        self.messages.put_nowait((Opcode.TEXT, data))
+
+    def upstream_binary(self, data: bytes) -> None:
+        self.messages.put_nowait((Opcode.BINARY, data))
+
+    def upstream_closed(self) -> None:
+        self.messages.put_nowait(None)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        pass
+
+    def replay(self, sink: UpstreamSink) -> None:
+        while not self.messages.empty():
+            message = self.messages.get_nowait()
+            if message is None:
+                sink.upstream_closed()
+            elif message[0] is Opcode.TEXT:
+                sink.upstream_text(message[1])
+            else:
+                sink.upstream_binary(message[1])
+
+
+class UpstreamConnection(ClientConnection):
+    """websockets' client connection, handing each data message to a sink as it arrives.
+
+    Pings, pongs, close frames, keepalive and `close()` stay websockets' own. Messages wait in
+    an inbox (`next_message`) until `attach`; after, `send_text` writes at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._inbox = _Inbox()
+        self._sink: UpstreamSink = self._inbox
+        self._fragments: list[bytes] = []
+        self._fragmented: Opcode | None = None
+        self._paused_by_relay = False
+
+    async def next_message(self) -> tuple[Opcode, bytes] | None:
+        """The next message before `attach`: (TEXT or BINARY, payload), or None once closed."""
+        return await self._inbox.messages.get()
+
+    def attach(self, sink: UpstreamSink) -> None:
+        self._sink = sink
+        self._inbox.replay(sink)
+
+    def process_event(self, event: Any) -> None:
+        if self.response is None or not isinstance(event, Frame):  # the handshake
+            super().process_event(event)
+            return
+        opcode = event.opcode
+        data = cast(bytes, event.data)  # frames parsed off the wire hold bytes
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not event.fin:
+                self._fragmented, self._fragments = opcode, [data]
+                return
+        elif opcode is Opcode.CONT and self._fragmented is not None:
+            self._fragments.append(data)
+            if not event.fin:
+                return
+            opcode, data = self._fragmented, b"".join(self._fragments)
+            self._fragmented, self._fragments = None, []
+        else:  # control frames: pongs acknowledge keepalive pings
+            super().process_event(event)
+            return
+        if opcode is Opcode.TEXT:
+            self._sink.upstream_text(data)
+        else:
+            self._sink.upstream_binary(data)
+
+    def send_text(self, text: str) -> None:
+        if self.protocol.state is not State.OPEN:
+            raise UpstreamGoneError
+        self.protocol.send_text(text.encode())
+        try:
+            self.send_data()
+        except OSError:
+            raise UpstreamGoneError from None
+
+    def pause_reading(self) -> None:
+        if not self._paused_by_relay:
+            self._paused_by_relay = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused_by_relay:
+            self._paused_by_relay = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._sink.upstream_closed()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._sink.upstream_write_paused(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._sink.upstream_write_paused(False)
