@@ -29,9 +29,20 @@ from typing import Any, Final, Protocol, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.asyncio.client import ClientConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
+
+from app.frames import (
+    BINARY,
+    PING,
+    PONG,
+    TEXT,
+    ClientFrameReader,
+    FrameSizeError,
+    masked_frame,
+    server_frame,
+)
 
 DIRECT_EXTENSION: Final = "realtime_relay.direct"
 
@@ -94,6 +105,55 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.sink: ClientSink | None = None
         self._paused_by_relay = False
+        self._reader: ClientFrameReader | None = None  # from the opening of the connection
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is None:
+            if self.conn.state is not State.OPEN:  # the handshake request: uvicorn's
+                super().data_received(data)
+                return
+            # A client sends no frame before the 101 (RFC 6455 §4.1), so websockets' parser
+            # holds nothing: from here on, frames are read in frames.py.
+            max_size = self.config.ws_max_size
+            reader = self._reader = ClientFrameReader(
+                max_size, self._message, self._control, self._hand_off
+            )
+        elif reader.handed_off:
+            super().data_received(data)
+            return
+        try:
+            reader.feed(data)
+        except FrameSizeError as exc:
+            self.conn.fail(CloseCode.MESSAGE_TOO_BIG, str(exc))
+            self.handle_parser_exception()
+
+    def _hand_off(self, rest: bytes) -> None:
+        super().data_received(rest)
+
+    def _message(self, opcode: int, payload: bytes) -> None:
+        sink = self.sink
+        if sink is not None and not self.close_sent:
+            if opcode != TEXT:
+                sink.client_bytes(payload)
+                return
+            try:
+                text = payload.decode()
+            except UnicodeDecodeError:
+                pass  # uvicorn's path below closes with 1007
+            else:
+                sink.client_text(text)
+                return
+        self.curr_msg_data_type = "text" if opcode == TEXT else "bytes"
+        self.frames = [payload]
+        super().send_receive_event_to_app()
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == PING:
+            if self.conn.state is State.OPEN:
+                self.transport.write(server_frame(PONG, payload))  # the pong (§5.5.2)
+        else:
+            self.handle_pong(Frame(Opcode.PONG, payload))
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -128,16 +188,14 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         sink.client_text(text)
 
     def send_text(self, text: str) -> None:
-        if self.close_sent or self.disconnected:
+        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
             raise ClientGoneError
-        self.conn.send_text(text.encode())
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write(server_frame(TEXT, text.encode()))
 
     def send_bytes(self, data: bytes) -> None:
-        if self.close_sent or self.disconnected:
+        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
             raise ClientGoneError
-        self.conn.send_binary(data)
-        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write(server_frame(BINARY, data))
 
     def pause_reading(self) -> None:
         if not self._paused_by_relay:
@@ -352,13 +410,9 @@ class UpstreamConnection(ClientConnection):
             self._sink.upstream_binary(data)
 
     def send_text(self, text: str) -> None:
-        if self.protocol.state is not State.OPEN:
+        if self.protocol.state is not State.OPEN or self.transport.is_closing():
             raise UpstreamGoneError
-        self.protocol.send_text(text.encode())
-        try:
-            self.send_data()
-        except OSError:
-            raise UpstreamGoneError from None
+        self.transport.write(masked_frame(TEXT, text.encode()))
 
     def pause_reading(self) -> None:
         if not self._paused_by_relay:
