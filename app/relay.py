@@ -293,7 +293,7 @@ class RelaySession:
             relay.metrics.upstream_closed(upstream.close_code)
             meter.close(outcome or "error")
             self.log.info("session closed: outcome=%s", outcome or "error")
-            if outcome is not None:  # else `run` reports the unexpected failure
+            if outcome is not None:  # else `run` reports the unexpected failure, then closes
                 await self._close(close_code, error)
 
     def _client_leg(self) -> ClientLeg:
@@ -401,13 +401,13 @@ class RelaySession:
 
     async def _close(self, code: int, error: RelayError | None = None) -> None:
         """Tell the client why (if there is a why), then close it; never raises."""
-        if not self.client_open:
-            return
-        self.client_open = False
         try:
             async with asyncio.timeout(self.relay.settings.upstream.close_timeout_seconds):
-                if self.leg is not None:
-                    await self.leg.finish()  # what the data plane sent comes first
+                if self.leg is not None:  # what the data plane sent goes first; its tasks end
+                    await self.leg.finish()
+                if not self.client_open:
+                    return
+                self.client_open = False
                 if error is not None:
                     self.relay.metrics.error("relay", error.code)
                     event = event_for(

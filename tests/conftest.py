@@ -90,17 +90,19 @@ def relay_settings(upstream_url: str, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-async def relay_factory() -> AsyncIterator[Callable[[Settings], Awaitable[RelayServer]]]:
+async def relay_factory() -> AsyncIterator[Callable[..., Awaitable[RelayServer]]]:
     """Serves relay apps under uvicorn on pre-bound loopback sockets; stops them after the test."""
     running: list[tuple[RelayServer, asyncio.Task[None]]] = []
 
-    async def start(settings: Settings) -> RelayServer:
+    async def start(settings: Settings, **server_options: Any) -> RelayServer:
+        """`server_options` override uvicorn's config, e.g. `ws="websockets-sansio"`."""
         app = create_app(settings)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = server_config(app, settings, port=port, log_level="warning")
+        options = {"port": port, "log_level": "warning", **server_options}
+        config = server_config(app, settings, **options)
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         async with asyncio.timeout(START_TIMEOUT):
