@@ -83,6 +83,13 @@ _AUDIO_OUTPUT_EVENTS: Final = frozenset(
 )
 
 
+# Binary audio output: a delta's first packet is encoded and sent at once, each later one a timer
+# of this apart (2 ms per 20 ms packet). Queued with `call_soon` instead, the packets of every
+# talking session ran ahead of the socket reads at each loop turn, and a new delta's first packet
+# waited behind them: p99 2.3-2.6 ms against 1.5 ms with the gap, at 100 Opus sessions
+# (bench/relay_bench.py --codec opus).
+_PACKET_GAP_SECONDS: Final = 0.002
+
 _OUTCOMES: Final = {
     "session_expired": "expired",
     "session_idle": "idle",
@@ -425,9 +432,9 @@ class _Pipe:
 
     It runs inside the legs' protocol callbacks (`legs.py`), one message at a time, with no task
     per message, and ends the session by settling `ended`: with `_Ended` when a peer leaves, with
-    a `RelayError` to explain. Binary audio output is paced: one 20 ms packet is encoded per
-    event-loop turn, so client audio goes in between, and upstream events wait behind the
-    packets of the delta before them.
+    a `RelayError` to explain. Binary audio output is paced (`_PACKET_GAP_SECONDS`), so socket
+    reads go in between two packets' encoding, and upstream events wait behind the packets of
+    the delta before them.
     """
 
     def __init__(
@@ -560,7 +567,7 @@ class _Pipe:
             text, frames = audio.delta_frames(text)
             client.send_text(text)
             self._frames = frames
-            self.loop.call_soon(self._pace)
+            self._pace()  # the first packet at once, the others one loop turn apart
             return
         if event_type == "response.output_audio.done":
             tail = audio.end_of_audio()
@@ -582,7 +589,7 @@ class _Pipe:
             if frame is not None:
                 self.meter.transcoded(time.perf_counter() - started)
                 self.client.send_bytes(frame)
-                self.loop.call_soon(self._pace)
+                self.loop.call_later(_PACKET_GAP_SECONDS, self._pace)
                 return
             self._frames = None
             backlog = self._backlog

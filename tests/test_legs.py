@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from app.legs import DirectWebSocketProtocol
@@ -180,23 +182,35 @@ async def test_fragments_over_the_limit_close_with_1009(relay_factory, upstream)
         assert (await closed(ws))[0] == 1009
 
 
-async def test_fragmented_and_binary_upstream_frames(relay_factory):
-    """A fragmented upstream event arrives whole; a binary upstream frame is dropped."""
+@contextlib.asynccontextmanager
+async def scripted_upstream(script, sock: socket.socket | None = None):
+    """A Realtime server that starts a session, then runs `script(ws)`; yields its URL."""
 
     async def handler(ws: ServerConnection) -> None:
         await ws.send(json.dumps({"type": "session.created", "session": {"type": "realtime"}}))
         update = json.loads(await ws.recv())
-        await ws.send(
-            json.dumps({"type": "session.updated", "session": update["session"]}),
-        )
+        await ws.send(json.dumps({"type": "session.updated", "session": update["session"]}))
+        await script(ws)
+
+    if sock is None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
+    else:
+        async with serve(handler, sock=sock, max_queue=1):
+            yield f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/realtime"
+
+
+async def test_fragmented_and_binary_upstream_frames(relay_factory):
+    """A fragmented upstream event arrives whole; a binary upstream frame is dropped."""
+
+    async def script(ws: ServerConnection) -> None:
         await ws.send(b"\x00binary")
         event = json.dumps({"type": "conversation.item.done", "item": {"id": "item_1"}})
         await ws.send([event[:7], event[7:30], event[30:]])
         await ws.wait_closed()
 
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = server.sockets[0].getsockname()[1]
-        relay = await relay_factory(relay_settings(f"ws://127.0.0.1:{port}/v1/realtime"))
+    async with scripted_upstream(script) as url:
+        relay = await relay_factory(relay_settings(url))
         async with connect(relay.ws_url) as ws:
             seen: list[dict] = []
             done = await recv_until(ws, "conversation.item.done", seen)
@@ -204,14 +218,57 @@ async def test_fragmented_and_binary_upstream_frames(relay_factory):
     assert [e["type"] for e in seen] == ["session.created", "session.updated", done["type"]]
 
 
+async def test_paced_audio_goes_out_before_the_upstream_close(relay_factory):
+    """Opus packets of a last delta all reach the client before the upstream's close does."""
+    pcm = tone(200)
+
+    async def script(ws: ServerConnection) -> None:
+        delta = {"type": "response.output_audio.delta", "delta": base64.b64encode(pcm).decode()}
+        await ws.send(json.dumps(delta))
+        await ws.send(json.dumps({"type": "response.output_audio.done"}))
+        await ws.close(1000)
+
+    async with scripted_upstream(script) as url:
+        relay = await relay_factory(relay_settings(url))
+        async with connect(f"{relay.ws_url}?output_codec=opus") as ws:
+            messages = []
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(WAIT):
+                    async for message in ws:
+                        messages.append(
+                            message if isinstance(message, bytes) else json.loads(message)
+                        )
+            close_code = ws.close_code
+    kinds = ["frame" if isinstance(m, bytes) else m["type"] for m in messages]
+    delta = next(m for m in messages if isinstance(m, dict) and m["type"].endswith("delta"))
+    announced = delta["relay_audio"]["frames"]
+    at = kinds.index("response.output_audio.delta")
+    assert announced == 10  # 200 ms in 20 ms packets
+    assert kinds[at + 1 : at + 1 + announced] == ["frame"] * announced
+    assert kinds[at + 1 + announced] == "response.output_audio.done"
+    assert close_code == 1000
+
+
+async def test_upstream_text_that_is_not_utf8(relay_factory):
+    """An upstream text frame that is not UTF-8 ends the session with an error and 1014."""
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(b'{"type":"\xff"}', text=True)
+        await ws.wait_closed()
+
+    async with scripted_upstream(script) as url:
+        relay = await relay_factory(relay_settings(url))
+        async with connect(relay.ws_url) as ws:
+            error = await recv_until(ws, "error")
+            assert (await closed(ws))[0] == 1014
+    assert "UTF-8" in error["error"]["message"]
+
+
 async def test_an_upstream_that_stops_reading_holds_the_client_back(relay_factory):
     """While the upstream reads nothing, the relay stops reading the client, not buffer it all."""
     stalled, done = asyncio.Event(), asyncio.Event()
 
-    async def handler(ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "session.created", "session": {"type": "realtime"}}))
-        update = json.loads(await ws.recv())
-        await ws.send(json.dumps({"type": "session.updated", "session": update["session"]}))
+    async def script(ws: ServerConnection) -> None:
         stalled.set()
         await done.wait()  # reads nothing more
         ws.transport.abort()
@@ -219,9 +276,8 @@ async def test_an_upstream_that_stops_reading_holds_the_client_back(relay_factor
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # accepted sockets inherit it
     sock.bind(("127.0.0.1", 0))
-    async with serve(handler, sock=sock, max_queue=1):
-        port = sock.getsockname()[1]
-        relay = await relay_factory(relay_settings(f"ws://127.0.0.1:{port}/v1/realtime"))
+    async with scripted_upstream(script, sock) as url:
+        relay = await relay_factory(relay_settings(url))
         async with connect(relay.ws_url) as ws:
             await recv_until(ws, "session.updated")
             await stalled.wait()
