@@ -10,13 +10,14 @@ the other side stops reading until it drains. (STYLE.md asks for backpressure by
 `send()`; a callback cannot await, and pausing the reader is the same bound without the task.)
 
 - `DirectWebSocketProtocol`: uvicorn's sans-I/O WebSocket protocol (`ws="websockets-sansio"`)
-  that offers itself as the client leg through the `realtime_relay.direct` ASGI extension.
-  `main.server_config` selects it.
+  that offers itself as the client leg through the `realtime_relay.direct` ASGI extension, and
+  reads and writes data frames with `frames.py`. `main.server_config` selects it.
 - `AsgiLeg`: the same contract over plain ASGI `receive`/`send`, for any other server
   (`uvicorn app.main:app` with its default WebSocket protocol, Hypercorn...), at the cost of a
   task each way.
 - `UpstreamConnection`: websockets' asyncio client connection (through its `create_connection`
-  hook) handing text messages to a sink instead of its receive queue.
+  hook) handing text messages to a sink instead of its receive queue, and writing masked data
+  frames with `frames.py`.
 """
 
 from __future__ import annotations

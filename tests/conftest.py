@@ -56,6 +56,7 @@ class RelayServer(_OnLoopback):
         return self.app.state.relay
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        self.relay.metrics.flush()  # as a scrape does
         value = self.relay.metrics.registry.get_sample_value(name, labels or {})
         return 0.0 if value is None else float(value)
 

@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.config import DEFAULT_PRICES
 from tests.conftest import UPSTREAM_KEY, relay_settings
+from tests.test_relay import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -230,3 +231,26 @@ async def test_json_logs_carry_the_session_and_no_secrets(upstream, relay_proces
     assert "refused: unauthorized" in messages and "session closed" in messages
     for secret in (UPSTREAM_KEY, CLIENT_KEY):
         assert secret not in "\n".join(lines)
+
+
+async def test_a_scrape_mid_session_counts_its_events_so_far(relay_factory, upstream):
+    """Events, bytes and audio of a live session are on `/metrics` at the next scrape."""
+    relay = await relay_factory(relay_settings(upstream.url))
+    chunk = base64.b64encode(tone(20)).decode()
+    append = json.dumps({"type": "input_audio_buffer.append", "audio": chunk})
+    async with connect(relay.ws_url) as ws:
+        while json.loads(await ws.recv())["type"] != "session.updated":
+            pass
+        before = await scrape(relay)
+        for _ in range(25):
+            await ws.send(append)
+        record = upstream.connections[0]
+        await eventually(lambda: len(record.input_audio) == 25 * 960)
+        after = await scrape(relay)
+    events = "realtime_relay_events_total"
+    up = {"direction": "client_to_upstream"}
+    assert value(after, events, **up) - value(before, events, **up) == 25
+    audio = "realtime_relay_audio_seconds_total"
+    assert value(after, audio, direction="in", codec="pcm16") - value(
+        before, audio, direction="in", codec="pcm16"
+    ) == pytest.approx(0.5)
