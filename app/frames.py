@@ -38,8 +38,17 @@ _MASK_BIT: Final = 0x80
 _KEY_POOL_BYTES: Final = 4096
 
 
-class FrameSizeError(Exception):
-    """A fragmented message grew over the size limit (close code 1009)."""
+class FrameError(Exception):
+    """A client broke the framing in a way the reader must refuse itself (RFC 6455 §7.4.1).
+
+    websockets cannot judge these: it never saw the frames before. `code` is the close code:
+    1002 for a protocol error, 1009 for a message over the size limit.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 class ClientFrameReader:
@@ -54,8 +63,8 @@ class ClientFrameReader:
     """
 
     __slots__ = (
-        "_buffer", "_fragments", "_fragment_opcode", "_size", "_max_size", "handed_off",
-        "_on_message", "_on_control", "_on_handoff",
+        "_buffer", "_needed", "_fragments", "_fragment_opcode", "_size", "_max_size",
+        "handed_off", "_on_message", "_on_control", "_on_handoff",
     )  # fmt: skip
 
     def __init__(
@@ -65,7 +74,10 @@ class ClientFrameReader:
         on_control: Callable[[int, bytes], None],
         on_handoff: Callable[[bytes], None],
     ) -> None:
-        self._buffer = b""
+        # An incomplete frame, and how many bytes it needs before parsing is worth trying again:
+        # a large frame trickling in small reads is appended, not re-copied at each read.
+        self._buffer = bytearray()
+        self._needed = 0
         self._fragments: list[bytes] = []
         self._fragment_opcode = 0
         self._size = 0
@@ -77,25 +89,31 @@ class ClientFrameReader:
         """Parse `data` and what was buffered before it; keep an incomplete frame for later.
 
         Raises:
-            FrameSizeError: a fragmented message went over `max_size`.
+            FrameError: a frame websockets could not judge: a new message inside a fragmented
+                one (1002), or fragments over `max_size` (1009).
         """
         if self._buffer:
-            data = self._buffer + data
-            self._buffer = b""
+            self._buffer += data
+            if len(self._buffer) < self._needed:
+                return
+            data = bytes(self._buffer)
+            self._buffer = bytearray()
         end = len(data)
         at = 0
+        needed = 2
         while end - at >= 2:
-            frame_at = at
             first, second = data[at], data[at + 1]
             length = second & 0x7F
             start = at + 6  # 2 header bytes, then the 4-byte key
             if length == 126:
                 if end - at < 4:
+                    needed = 4
                     break
                 (length,) = struct.unpack_from("!H", data, at + 2)
                 start += 2
             elif length == 127:
                 if end - at < 10:
+                    needed = 10
                     break
                 (length,) = struct.unpack_from("!Q", data, at + 2)
                 start += 8
@@ -107,41 +125,46 @@ class ClientFrameReader:
                 or (opcode > BINARY and (opcode not in (PING, PONG) or length > 125))
                 or (opcode > BINARY and not first & _FIN)
             ):
-                self._hand_off(data[frame_at:])
+                if self._fragments and opcode <= BINARY:
+                    raise FrameError(1002, "a frame the reader cannot join to a message")
+                self._hand_off(data[at:])
                 return
             if end - start < length:
+                needed = start + length - at
                 break
             payload = apply_mask(data[start : start + length], data[start - 4 : start])
-            at = start + length
             if opcode > BINARY:
                 self._on_control(opcode, payload)
             elif first & _FIN and opcode and not self._fragments:
                 self._on_message(opcode, payload)
-            elif not self._fragment(opcode, first & _FIN, payload):
-                self._hand_off(data[frame_at:])
+            elif opcode == _CONTINUATION and not self._fragments:
+                self._hand_off(data[at:])  # websockets refuses a continuation of nothing: 1002
                 return
+            else:
+                self._fragment(opcode, first & _FIN, payload)
+            at = start + length
         if at < end:
-            self._buffer = data[at:]
+            self._buffer += data[at:]
+            self._needed = needed
 
-    def _fragment(self, opcode: int, fin: int, payload: bytes) -> bool:
-        """Collect one frame of a fragmented message (§5.4); False if it is out of order."""
-        if (opcode == _CONTINUATION) != bool(self._fragments):
-            return False
+    def _fragment(self, opcode: int, fin: int, payload: bytes) -> None:
+        """Collect one frame of a fragmented message (§5.4)."""
         if opcode:
+            if self._fragments:
+                raise FrameError(1002, "a new message inside a fragmented one")
             self._fragment_opcode = opcode
         self._size += len(payload)
         if self._size > self._max_size:
-            raise FrameSizeError(f"a message over {self._max_size} bytes")
+            raise FrameError(1009, f"a message over {self._max_size} bytes")
         self._fragments.append(payload)
         if fin:
             message = b"".join(self._fragments)
             self._fragments, self._size = [], 0
             self._on_message(self._fragment_opcode, message)
-        return True
 
     def _hand_off(self, rest: bytes) -> None:
         self.handed_off = True
-        self._buffer = b""
+        self._buffer = bytearray()
         self._on_handoff(rest)
 
 

@@ -40,7 +40,7 @@ from app.frames import (
     PONG,
     TEXT,
     ClientFrameReader,
-    FrameSizeError,
+    FrameError,
     masked_frame,
     server_frame,
 )
@@ -114,19 +114,20 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
             if self.conn.state is not State.OPEN:  # the handshake request: uvicorn's
                 super().data_received(data)
                 return
-            # A client sends no frame before the 101 (RFC 6455 §4.1), so websockets' parser
-            # holds nothing: from here on, frames are read in frames.py.
+            # From here on, frames are read in frames.py. A client sends no frame before the 101
+            # (RFC 6455 §4.1); one that did has bytes in websockets' parser, which keeps them.
             max_size = self.config.ws_max_size
             reader = self._reader = ClientFrameReader(
                 max_size, self._message, self._control, self._hand_off
             )
-        elif reader.handed_off:
+            reader.handed_off = bool(self.conn.reader.buffer)
+        if reader.handed_off:
             super().data_received(data)
             return
         try:
             reader.feed(data)
-        except FrameSizeError as exc:
-            self.conn.fail(CloseCode.MESSAGE_TOO_BIG, str(exc))
+        except FrameError as exc:
+            self.conn.fail(CloseCode(exc.code), exc.reason)
             self.handle_parser_exception()
 
     def _hand_off(self, rest: bytes) -> None:
@@ -163,11 +164,14 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def attach(self, sink: ClientSink) -> None:
         self.sink = sink
+        if not self.writable.is_set():  # the client was already slow to read
+            sink.client_write_paused(True)
         while not self.queue.empty():  # what arrived while the session was being set up
             _deliver(cast(Message, self.queue.get_nowait()), sink)
-        if self.read_paused:
+        if self.read_paused:  # uvicorn's pause, one message at a time, ends here
             self.read_paused = False
-            self.transport.resume_reading()
+            if not self._paused_by_relay:
+                self.transport.resume_reading()
 
     def send_receive_event_to_app(self) -> None:
         sink = self.sink
@@ -265,14 +269,14 @@ class AsgiLeg:
         self._sink: ClientSink | None = None
         self._write_paused = False
         self._gone = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._finishing = False
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     def attach(self, sink: ClientSink) -> None:
         self._sink = sink
-        self._tasks = {
-            asyncio.create_task(self._read(sink)),
-            asyncio.create_task(self._write(sink)),
-        }
+        self._reader = asyncio.create_task(self._read(sink))
+        self._writer = asyncio.create_task(self._write(sink))
 
     async def _read(self, sink: ClientSink) -> None:
         while True:
@@ -288,15 +292,16 @@ class AsgiLeg:
             await self._ready.wait()
             while outbox:
                 try:
-                    await self._send(outbox[0])  # taken off once sent: `finish` sends the rest
+                    await self._send(outbox.popleft())
                 except (OSError, RuntimeError):  # uvicorn: ClientDisconnected, or after close
                     self._gone = True
                     sink.client_closed()
                     return
-                outbox.popleft()
                 if self._write_paused and len(outbox) <= self._low:
                     self._write_paused = False
                     sink.client_write_paused(False)
+            if self._finishing:
+                return
             self._ready.clear()
 
     def _queue(self, message: Message) -> None:
@@ -321,17 +326,21 @@ class AsgiLeg:
         self._reading.set()
 
     async def finish(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        """Stop reading, let the writer send what it holds, and end both tasks.
+
+        The caller bounds this with a timeout; cancelled, it cancels the writer too.
+        """
+        if self._reader is not None:
+            self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = set()
-        while self._outbox and not self._gone:
+                await self._reader
+        if self._writer is not None:
+            self._finishing = True
+            self._ready.set()
             try:
-                await self._send(self._outbox.popleft())
-            except (OSError, RuntimeError):
-                self._gone = True
+                await self._writer
+            finally:
+                self._writer.cancel()
 
 
 class _Inbox:
@@ -384,6 +393,8 @@ class UpstreamConnection(ClientConnection):
 
     def attach(self, sink: UpstreamSink) -> None:
         self._sink = sink
+        if self.paused:  # its write buffer was already over the high-water mark
+            sink.upstream_write_paused(True)
         self._inbox.replay(sink)
 
     def process_event(self, event: Any) -> None:

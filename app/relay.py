@@ -457,6 +457,7 @@ class _Pipe:
         # (or its close) that arrived meanwhile, in order.
         self._frames: Iterator[bytes] | None = None
         self._backlog: deque[bytes | None] = deque()
+        self._next_packet: asyncio.TimerHandle | None = None
         self._client_write_paused = False
 
     async def run(self) -> None:
@@ -530,12 +531,13 @@ class _Pipe:
 
     def client_write_paused(self, paused: bool) -> None:
         self._client_write_paused = paused
+        if self.ended.done():  # `run` has resumed both sockets for the close handshakes
+            return
         if paused:
             self.upstream.pause_reading()
         else:
             self.upstream.resume_reading()
-            if self._frames is not None:
-                self.loop.call_soon(self._pace)
+            self._pace_after(0.0)
 
     # -- upstream -> client
 
@@ -567,7 +569,7 @@ class _Pipe:
             text, frames = audio.delta_frames(text)
             client.send_text(text)
             self._frames = frames
-            self._pace()  # the first packet at once, the others one loop turn apart
+            self._pace()  # the first packet at once, the others `_PACKET_GAP_SECONDS` apart
             return
         if event_type == "response.output_audio.done":
             tail = audio.end_of_audio()
@@ -578,18 +580,25 @@ class _Pipe:
         for frame in tail:
             client.send_bytes(frame)
 
+    def _pace_after(self, delay: float) -> None:
+        """Send the next packet in `delay` seconds, unless that is already planned."""
+        if self._next_packet is None and self._frames is not None:
+            self._next_packet = self.loop.call_later(delay, self._pace)
+
     def _pace(self) -> None:
         """Encode and send the next packet of a delta; then what waited behind it."""
+        self._next_packet = None
         frames = self._frames
         if frames is None or self.ended.done() or self._client_write_paused:
-            return  # `client_write_paused(False)` calls again
+            return  # `client_write_paused(False)` plans the next one
         try:
             started = time.perf_counter()
             frame = next(frames, None)
             if frame is not None:
                 self.meter.transcoded(time.perf_counter() - started)
                 self.client.send_bytes(frame)
-                self.loop.call_later(_PACKET_GAP_SECONDS, self._pace)
+                if not self._client_write_paused:
+                    self._pace_after(_PACKET_GAP_SECONDS)
                 return
             self._frames = None
             backlog = self._backlog
@@ -618,6 +627,8 @@ class _Pipe:
             self._end(UpstreamClosedError(f"the upstream closed the session ({code})"))
 
     def upstream_write_paused(self, paused: bool) -> None:
+        if self.ended.done():
+            return
         if paused:
             self.client.pause_reading()
         else:

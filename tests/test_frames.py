@@ -15,7 +15,7 @@ from app.frames import (
     PONG,
     TEXT,
     ClientFrameReader,
-    FrameSizeError,
+    FrameError,
     masked_frame,
     server_frame,
 )
@@ -131,13 +131,28 @@ def test_reader_hands_off_what_it_does_not_handle(frame):
     assert sink.reader.handed_off
 
 
-def test_a_new_message_inside_a_fragmented_one_is_handed_off():
-    """A text frame where a continuation is due is for websockets to refuse (1002)."""
+@pytest.mark.parametrize(
+    "frame",
+    [client_frame(Opcode.TEXT, b"two"), crafted(0x80 | 0x40 | 0x1, b"compressed")],
+    ids=["text", "rsv1-text"],
+)
+def test_a_new_message_inside_a_fragmented_one_is_a_protocol_error(frame):
+    """A data frame where a continuation is due fails with 1002 (websockets never saw the rest)."""
     sink = Collector()
-    second = client_frame(Opcode.TEXT, b"two")
-    sink.reader.feed(client_frame(Opcode.TEXT, b"one", fin=False) + second)
-    assert sink.messages == []
-    assert sink.handed_off == [second]
+    with pytest.raises(FrameError) as error:
+        sink.reader.feed(client_frame(Opcode.TEXT, b"one", fin=False) + frame)
+    assert error.value.code == 1002
+    assert sink.messages == [] and sink.handed_off == []
+
+
+def test_a_large_frame_in_small_reads():
+    """A frame trickling in small reads comes out whole, once."""
+    payload = os.urandom(300_000)
+    stream = client_frame(Opcode.BINARY, payload)
+    sink = Collector()
+    for at in range(0, len(stream), 1448):
+        sink.reader.feed(stream[at : at + 1448])
+    assert sink.messages == [(BINARY, payload)]
 
 
 def test_size_limit():
@@ -148,8 +163,9 @@ def test_size_limit():
     assert sink.handed_off == [big]
     sink = Collector(max_size=1000)
     sink.reader.feed(client_frame(Opcode.BINARY, b"x" * 600, fin=False))
-    with pytest.raises(FrameSizeError):
+    with pytest.raises(FrameError) as error:
         sink.reader.feed(client_frame(Opcode.CONT, b"x" * 600))
+    assert error.value.code == 1009
 
 
 @pytest.mark.parametrize("size", SIZES)

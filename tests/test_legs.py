@@ -298,3 +298,13 @@ async def test_an_upstream_that_stops_reading_holds_the_client_back(relay_factor
             done.set()
             ws.transport.abort()
     assert buffered < 2**20
+
+
+async def test_a_new_message_inside_a_fragmented_one_closes_with_1002(relay_factory, upstream):
+    """A text frame where a continuation is due is a protocol error: close 1002."""
+    relay = await relay_factory(settings_for(upstream))
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.updated")
+        first = Frame(Opcode.TEXT, b'{"type":', fin=False).serialize(mask=True)
+        ws.transport.write(first + Frame(Opcode.TEXT, b"{}").serialize(mask=True))
+        assert (await closed(ws))[0] == 1002
