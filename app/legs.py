@@ -92,7 +92,26 @@ class ClientLeg(Protocol):
     async def finish(self) -> None: ...
 
 
-class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
+class _RelayReadPause:
+    """Reading paused and resumed by the relay's flow control: idempotent, never on a closing
+    transport, and apart from the pauses the library itself makes."""
+
+    transport: asyncio.Transport
+    _paused_by_relay: bool
+
+    def pause_reading(self) -> None:
+        if not self._paused_by_relay:
+            self._paused_by_relay = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused_by_relay:
+            self._paused_by_relay = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+
+class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, with direct delivery to an attached sink.
 
     Until `attach`, it is uvicorn's protocol unchanged: the ASGI app's `receive` reads a queue.
@@ -201,17 +220,6 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
             raise ClientGoneError
         self.transport.write(server_frame(BINARY, data))
-
-    def pause_reading(self) -> None:
-        if not self._paused_by_relay:
-            self._paused_by_relay = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._paused_by_relay:
-            self._paused_by_relay = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
 
     async def finish(self) -> None:
         pass  # every send was written at once
@@ -372,7 +380,7 @@ class _Inbox:
                 sink.upstream_binary(message[1])
 
 
-class UpstreamConnection(ClientConnection):
+class UpstreamConnection(_RelayReadPause, ClientConnection):
     """websockets' client connection, handing each data message to a sink as it arrives.
 
     Pings, pongs, close frames, keepalive and `close()` stay websockets' own. Messages wait in
@@ -425,17 +433,6 @@ class UpstreamConnection(ClientConnection):
         if self.protocol.state is not State.OPEN or self.transport.is_closing():
             raise UpstreamGoneError
         self.transport.write(masked_frame(TEXT, text.encode()))
-
-    def pause_reading(self) -> None:
-        if not self._paused_by_relay:
-            self._paused_by_relay = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._paused_by_relay:
-            self._paused_by_relay = False
-            if not self.transport.is_closing():
-                self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -401,10 +401,14 @@ class RelaySession:
             self.client_open = False
             raise _Ended("client_closed", CloseCode.NORMAL) from None
 
-    async def _send_error(self, exc: RelayError) -> None:
+    def error_text(self, exc: RelayError) -> str:
+        """The `error` event telling this client about `exc`, counted as sent."""
         self.relay.metrics.error("relay", exc.code)
         event = event_for(exc, event_id=self.event_id(), client_event_id=exc.client_event_id)
-        await self._send_client(_dumps(event))
+        return _dumps(event)
+
+    async def _send_error(self, exc: RelayError) -> None:
+        await self._send_client(self.error_text(exc))
 
     async def _close(self, code: int, error: RelayError | None = None) -> None:
         """Tell the client why (if there is a why), then close it; never raises."""
@@ -416,11 +420,7 @@ class RelaySession:
                     return
                 self.client_open = False
                 if error is not None:
-                    self.relay.metrics.error("relay", error.code)
-                    event = event_for(
-                        error, event_id=self.event_id(), client_event_id=error.client_event_id
-                    )
-                    await self.send({"type": "websocket.send", "text": _dumps(event)})
+                    await self.send({"type": "websocket.send", "text": self.error_text(error)})
                 reason = error.code if error is not None else ""
                 await self.send({"type": "websocket.close", "code": int(code), "reason": reason})
         except (OSError, RuntimeError, TimeoutError):
@@ -478,10 +478,7 @@ class _Pipe:
 
     def _error(self, exc: RelayError) -> None:
         """Tell the client about a refused event; the session goes on."""
-        session = self.session
-        session.relay.metrics.error("relay", exc.code)
-        event = event_for(exc, event_id=session.event_id(), client_event_id=exc.client_event_id)
-        self.client.send_text(_dumps(event))
+        self.client.send_text(self.session.error_text(exc))
 
     # -- client -> upstream
 
