@@ -193,23 +193,14 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
                 self.transport.resume_reading()
 
     def send_receive_event_to_app(self) -> None:
-        sink = self.sink
-        if sink is None or self.close_sent:
+        """A message websockets parsed (after a hand-off) goes the way the reader's do."""
+        if self.sink is None or self.close_sent:
             super().send_receive_event_to_app()
             return
         frames = self.frames
         data = frames[0] if len(frames) == 1 else b"".join(frames)
         self.frames = []
-        if self.curr_msg_data_type == "bytes":
-            sink.client_bytes(data)
-            return
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:  # uvicorn closes with 1007; connection_lost tells the sink
-            self.frames = [data]
-            super().send_receive_event_to_app()
-            return
-        sink.client_text(text)
+        self._message(TEXT if self.curr_msg_data_type == "text" else BINARY, data)
 
     def send_text(self, text: str) -> None:
         if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
