@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 from app.config import ConfigError, load_settings
+from app.connections import raise_open_file_limit
 from app.logs import configure_logging
 from app.main import RelayServer, create_app, server_config
 
@@ -41,6 +42,7 @@ async def _serve(demo: bool) -> None:
             logger.warning("local upstream at %s, which echoes your speech back.", local.url)
             logger.warning("Set OPENAI_API_KEY to talk to OpenAI.")
             logger.warning("=" * 72)
+        raise_open_file_limit()  # before server_config derives the connection cap from it
         app = create_app(settings)
         server = RelayServer(server_config(app, settings), app.state.relay, settings.drain_seconds)
         await server.serve()

@@ -202,7 +202,6 @@ class Settings(BaseSettings):
     # Tier of clients that present no key (the bundled page by default); "" refuses them.
     # Unset, it is "default" if that tier exists, else "".
     anonymous_tier: str = "default"
-    # Largest client frame accepted; larger ones close the session with 1009.
     # Limits (app/limits.py). No URL: an in-process limiter for a single instance.
     redis_url: str | None = None
     lease_ttl_seconds: float = Field(30.0, gt=1)
@@ -218,7 +217,17 @@ class Settings(BaseSettings):
     # Browser origins allowed to open /ws ("*": any). The page's own origin is always allowed.
     allowed_origins: list[str] = []
     prices: dict[str, ModelPrice] = DEFAULT_PRICES
+    # Largest client message accepted; larger ones close the session with 1009.
     client_max_message_bytes: int = Field(16 * 2**20, ge=2**16)
+    # Frames one client message may be split into (RFC 6455 §5.4): each costs bookkeeping
+    # whatever its payload, so a flood of tiny or empty fragments must be bounded by count.
+    client_max_fragments: int = Field(1024, ge=1)
+    # A connection must finish its HTTP request (a WebSocket handshake included) within this,
+    # or it is closed: half-open connections would otherwise hold a file descriptor forever.
+    handshake_timeout_seconds: float = Field(10.0, gt=0)
+    # Open client connections per process; past it new connections are closed at once. Unset:
+    # derived from the open-file limit, leaving room for each session's upstream and Redis.
+    max_connections: int | None = Field(None, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # On SIGTERM: readiness fails and new sessions are refused at once; live sessions are warned

@@ -16,11 +16,13 @@ Every refusal the client can see is a `RelayError`: it carries the WebSocket clo
     │   └── SessionLimitError       session_limit_reached
     ├── LimiterUnavailableError     limiter_unavailable (close 1013: retrying may help)
     ├── SessionEndedError           session_expired / session_idle (close 1000)
+    ├── ClientTimeoutError          client_timeout: keepalive pings unanswered (close 1011)
     ├── MessageTooBigError          message_too_big (close 1009)
     ├── ShuttingDownError           server_shutting_down (close 1012)
     └── UpstreamError               upstream_* (close 1014, or 1013 when rate limited)
         ├── UpstreamRefusedError    the upstream answered the handshake with an HTTP error
-        └── UpstreamClosedError     the upstream went away mid-session
+        ├── UpstreamClosedError     the upstream went away mid-session
+        └── UpstreamTimeoutError    upstream_timeout: keepalive pings unanswered mid-session
 
 Foreign exceptions (websockets, redis) are translated into these once, where they are raised.
 """
@@ -151,6 +153,18 @@ class SessionEndedError(RelayError):
     error_type = "invalid_request_error"
 
 
+class ClientTimeoutError(RelayError):
+    """The client stopped answering keepalive pings: it stopped reading, or its network did.
+
+    Closed with 1011, as websockets closes a keepalive timeout, so SDKs reconnect; the client
+    rarely reads the `error` event, but the relay's logs and metrics name the cause.
+    """
+
+    code = "client_timeout"
+    close_code = CloseCode.INTERNAL
+    error_type = "invalid_request_error"
+
+
 class MessageTooBigError(RelayError):
     code = "message_too_big"
     close_code = CloseCode.TOO_BIG
@@ -225,3 +239,9 @@ def event_for(exc: RelayError, *, event_id: str, client_event_id: str | None = N
         client_event_id=client_event_id,
         event_id=event_id,
     )
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream stopped answering keepalive pings mid-session (it stalled)."""
+
+    code = "upstream_timeout"

@@ -10,6 +10,9 @@ and writes its data frames here instead, and leaves everything else to websocket
   sets, an unmasked or malformed frame, one over the size limit) it hands that frame and all
   that follows to websockets' protocol, which closes the connection with the right code, and is
   not used again. websockets' parser therefore only ever sees whole frames from a boundary on.
+  Its owner can pause it between two frames (`paused`): what is left of the data waits in its
+  buffer until `resume()`, so a client whose every frame makes the relay write something (an
+  `error` event, a pong) cannot make it write more while the client is not reading.
 - `server_frame` builds an unmasked frame (relay -> client); `masked_frame` builds masked ones
   (relay -> upstream, §5.3). Their masking keys come from the OS's CSPRNG 4 KiB at a time
   rather than one `getrandom` call per frame: each key is still unpredictable to the peers, which
@@ -56,6 +59,8 @@ class ClientFrameReader:
 
     Args:
         max_size: the largest message accepted, in bytes.
+        max_fragments: the most frames one message may be split into: each costs bookkeeping
+            whatever its payload, so a flood of tiny or empty fragments is bounded by count.
         on_message: called with (TEXT or BINARY, payload) for each complete message.
         on_control: called with (PING or PONG, payload).
         on_handoff: called once with the bytes from the first frame the reader does not handle
@@ -64,12 +69,13 @@ class ClientFrameReader:
 
     __slots__ = (
         "_buffer", "_needed", "_fragments", "_fragment_opcode", "_size", "_max_size",
-        "handed_off", "_on_message", "_on_control", "_on_handoff",
+        "_max_fragments", "handed_off", "paused", "_on_message", "_on_control", "_on_handoff",
     )  # fmt: skip
 
     def __init__(
         self,
         max_size: int,
+        max_fragments: int,
         on_message: Callable[[int, bytes], None],
         on_control: Callable[[int, bytes], None],
         on_handoff: Callable[[bytes], None],
@@ -82,19 +88,25 @@ class ClientFrameReader:
         self._fragment_opcode = 0
         self._size = 0
         self._max_size = max_size
+        self._max_fragments = max_fragments
         self._on_message, self._on_control, self._on_handoff = on_message, on_control, on_handoff
         self.handed_off = False
+        self.paused = False  # set by the owner: stop before the next frame, keep the rest
 
     def feed(self, data: bytes) -> None:
         """Parse `data` and what was buffered before it; keep an incomplete frame for later.
 
+        While `paused`, the data is only buffered. The buffer is bounded by the transport: the
+        owner stops reading the socket while it pauses the reader.
+
         Raises:
             FrameError: a frame websockets could not judge: a new message inside a fragmented
-                one (1002), or fragments over `max_size` (1009).
+                one (1002), a continuation over `max_size`, fragments over `max_size` in all or
+                more than `max_fragments` of them (1009).
         """
-        if self._buffer:
+        if self._buffer or self.paused:
             self._buffer += data
-            if len(self._buffer) < self._needed:
+            if len(self._buffer) < self._needed or self.paused:
                 return
             data = bytes(self._buffer)
             self._buffer = bytearray()
@@ -102,6 +114,9 @@ class ClientFrameReader:
         at = 0
         needed = 2
         while end - at >= 2:
+            if self.paused:  # a callback asked to stop: the rest waits for `resume`
+                needed = 0
+                break
             first, second = data[at], data[at + 1]
             length = second & 0x7F
             start = at + 6  # 2 header bytes, then the 4-byte key
@@ -126,6 +141,8 @@ class ClientFrameReader:
                 or (opcode > BINARY and not first & _FIN)
             ):
                 if self._fragments and opcode <= BINARY:
+                    if opcode == _CONTINUATION and length > self._max_size:
+                        raise FrameError(1009, f"a message over {self._max_size} bytes")
                     raise FrameError(1002, "a frame the reader cannot join to a message")
                 self._hand_off(data[at:])
                 return
@@ -147,6 +164,13 @@ class ClientFrameReader:
             self._buffer += data[at:]
             self._needed = needed
 
+    def resume(self) -> None:
+        """Clear `paused` and parse what waited; may pause again (see `feed`)."""
+        self.paused = False
+        if self._buffer and not self.handed_off:
+            self._needed = 0
+            self.feed(b"")
+
     def _fragment(self, opcode: int, fin: int, payload: bytes) -> None:
         """Collect one frame of a fragmented message (§5.4)."""
         if opcode:
@@ -156,6 +180,8 @@ class ClientFrameReader:
         self._size += len(payload)
         if self._size > self._max_size:
             raise FrameError(1009, f"a message over {self._max_size} bytes")
+        if len(self._fragments) >= self._max_fragments:
+            raise FrameError(1009, f"a message in more than {self._max_fragments} frames")
         self._fragments.append(payload)
         if fin:
             message = b"".join(self._fragments)

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final, Protocol, cast
+from typing import Any, ClassVar, Final, Protocol, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.asyncio.client import ClientConnection
@@ -64,6 +64,7 @@ class ClientSink(Protocol):
     def client_text(self, text: str) -> None: ...
     def client_bytes(self, data: bytes) -> None: ...
     def client_closed(self) -> None: ...
+    def client_timed_out(self) -> None: ...
     def client_write_paused(self, paused: bool) -> None: ...
 
 
@@ -81,7 +82,9 @@ class ClientLeg(Protocol):
 
     `attach` delivers the messages that arrived before it, in order, then every later one.
     `send_*` write at once and raise `ClientGoneError` once the client is gone; `finish` sends
-    whatever a leg still holds (only `AsgiLeg` holds anything) before the session closes.
+    whatever a leg still holds (only `AsgiLeg` holds anything) before the session closes, and
+    `abort_after` bounds how long a closed connection may wait for a client that stopped
+    reading (only the direct leg can: under ASGI, the server owns the socket).
     """
 
     def attach(self, sink: ClientSink) -> None: ...
@@ -90,11 +93,12 @@ class ClientLeg(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     async def finish(self) -> None: ...
+    def abort_after(self, seconds: float) -> None: ...
 
 
 class _RelayReadPause:
-    """Reading paused and resumed by the relay's flow control: idempotent, never on a closing
-    transport, and apart from the pauses the library itself makes."""
+    """The upstream's reading, paused and resumed by the relay's flow control: idempotent,
+    never on a closing transport, and apart from the pauses the library itself makes."""
 
     transport: asyncio.Transport
     _paused_by_relay: bool
@@ -111,21 +115,57 @@ class _RelayReadPause:
                 self.transport.resume_reading()
 
 
-class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
+class _ClientReadPause:
+    """A client leg's reading, paused by the relay's flow control (the upstream is not reading)
+    as well as by the leg's own full output; `_update_reading` weighs both."""
+
+    _paused_by_relay: bool
+
+    def pause_reading(self) -> None:
+        self._paused_by_relay = True
+        self._update_reading()
+
+    def resume_reading(self) -> None:
+        self._paused_by_relay = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        raise NotImplementedError
+
+
+class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, with direct delivery to an attached sink.
 
     Until `attach`, it is uvicorn's protocol unchanged: the ASGI app's `receive` reads a queue.
     After, each complete message goes to the sink from `data_received`, without the queue and
     without uvicorn's pause and resume of reading around each message. This extends uvicorn's
-    internals (its `queue`, `frames` and flags), so pyproject.toml pins the uvicorn versions
-    the tests ran against.
+    internals (its `queue`, `frames`, flags and keepalive timer), so pyproject.toml pins the
+    uvicorn versions the tests ran against.
+
+    Reading stops, between two frames, while the relay's flow control asks (the upstream is not
+    reading) and while this socket's own write buffer is over its high-water mark: whatever a
+    client's frames make the relay write (`error` events, pongs) then waits for the client to
+    read, instead of piling up in memory.
     """
+
+    max_fragments: ClassVar[int] = 1024  # `configured` sets the relay's setting
+
+    @classmethod
+    def configured(cls, max_fragments: int) -> type[DirectWebSocketProtocol]:
+        """This protocol class with the relay's limits, for uvicorn's `ws=` option."""
+        return cast(
+            type[DirectWebSocketProtocol],
+            type(cls.__name__, (cls,), {"max_fragments": max_fragments}),
+        )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sink: ClientSink | None = None
-        self._paused_by_relay = False
+        self._paused_by_relay = False  # the relay's flow control
+        self._write_blocked = False  # this socket's write buffer is over its high-water mark
+        self._reading = True
         self._reader: ClientFrameReader | None = None  # from the opening of the connection
+        self._abort: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -137,17 +177,21 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
             # (RFC 6455 §4.1); one that did has bytes in websockets' parser, which keeps them.
             max_size = self.config.ws_max_size
             reader = self._reader = ClientFrameReader(
-                max_size, self._message, self._control, self._hand_off
+                max_size, self.max_fragments, self._message, self._control, self._hand_off
             )
             reader.handed_off = bool(self.conn.reader.buffer)
+            reader.paused = not self._reading
         if reader.handed_off:
             super().data_received(data)
             return
         try:
             reader.feed(data)
         except FrameError as exc:
-            self.conn.fail(CloseCode(exc.code), exc.reason)
-            self.handle_parser_exception()
+            self._fail(exc.code, exc.reason)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.conn.fail(CloseCode(code), reason)
+        self.handle_parser_exception()
 
     def _hand_off(self, rest: bytes) -> None:
         super().data_received(rest)
@@ -168,6 +212,8 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
         self.curr_msg_data_type = "text" if opcode == TEXT else "bytes"
         self.frames = [payload]
         super().send_receive_event_to_app()
+        if self.read_paused and self._reader is not None:  # uvicorn's one message at a time
+            self._reader.paused = True
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == PING:
@@ -176,6 +222,13 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
         else:
             self.handle_pong(Frame(Opcode.PONG, payload))
 
+    def handle_cont(self, event: Frame) -> None:
+        """A continuation websockets parsed (after a hand-off): bounded in count as well."""
+        if len(self.frames) >= self.max_fragments:
+            self._fail(1009, f"a message in more than {self.max_fragments} frames")
+            return
+        super().handle_cont(event)
+
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if self.response.status_code == 101:  # the ASGI task it started has not run yet
@@ -183,14 +236,16 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
 
     def attach(self, sink: ClientSink) -> None:
         self.sink = sink
-        if not self.writable.is_set():  # the client was already slow to read
+        if self._write_blocked:  # the client was already slow to read
             sink.client_write_paused(True)
         while not self.queue.empty():  # what arrived while the session was being set up
             _deliver(cast(Message, self.queue.get_nowait()), sink)
         if self.read_paused:  # uvicorn's pause, one message at a time, ends here
             self.read_paused = False
-            if not self._paused_by_relay:
+            if self._reading:
                 self.transport.resume_reading()
+        if self._reading and self._reader is not None and self._reader.paused:
+            self._reader.resume()
 
     def send_receive_event_to_app(self) -> None:
         """A message websockets parsed (after a hand-off) goes the way the reader's do."""
@@ -215,6 +270,66 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
     async def finish(self) -> None:
         pass  # every send was written at once
 
+    def abort_after(self, seconds: float) -> None:
+        """Drop the connection if it is still open in `seconds`.
+
+        A transport's `close()` waits for its buffer to drain, which a client that does not
+        read never lets happen: its socket and buffer would be held for good.
+        """
+        if self._abort is None and not self.disconnected:
+            self._abort = self.loop.call_later(seconds, self.transport.abort)
+
+    # -- reading, paused by the relay's flow control and by this socket's own write buffer
+
+    def _update_reading(self) -> None:
+        reading = not (self._paused_by_relay or self._write_blocked)
+        if reading == self._reading:
+            return
+        self._reading = reading
+        reader = self._reader
+        if not reading:
+            if reader is not None:
+                reader.paused = True  # stops before the next frame of the data in hand
+            if not self.read_paused:
+                self.transport.pause_reading()
+            return
+        if self.transport.is_closing():
+            return
+        if not self.read_paused:
+            self.transport.resume_reading()
+            if reader is not None and reader.paused:
+                reader.resume()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._write_blocked = True
+        self._update_reading()
+        if self.sink is not None:
+            self.sink.client_write_paused(True)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_blocked = False
+        if self.sink is not None:  # first, so a pause that resuming causes is the last word
+            self.sink.client_write_paused(False)
+        self._update_reading()
+
+    # -- the end
+
+    def keepalive_timeout(self) -> None:
+        """The client did not answer a keepalive ping in time: the session says why.
+
+        uvicorn would close with 1011 and no reason the relay knows of; with a sink attached,
+        the session ends with a relay `client_timeout` instead.
+        """
+        sink = self.sink
+        if sink is None or self.close_sent or self.transport.is_closing():
+            super().keepalive_timeout()
+            return
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        sink.client_timed_out()
+
     def handle_close(self, event: Frame) -> None:
         super().handle_close(event)
         if self.sink is not None:
@@ -222,18 +337,10 @@ class DirectWebSocketProtocol(_RelayReadPause, WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._abort is not None:
+            self._abort.cancel()
         if self.sink is not None:
             self.sink.client_closed()
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        if self.sink is not None:
-            self.sink.client_write_paused(True)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self.sink is not None:
-            self.sink.client_write_paused(False)
 
 
 def _deliver(message: Message, sink: ClientSink) -> None:
@@ -246,11 +353,13 @@ def _deliver(message: Message, sink: ClientSink) -> None:
         sink.client_bytes(data)
 
 
-class AsgiLeg:
+class AsgiLeg(_ClientReadPause):
     """The client leg over ASGI `receive`/`send`: works under any ASGI server.
 
-    A reader task feeds the sink; sends go to a bounded-by-flow-control outbox that a writer
-    task drains, telling the sink to pause the upstream while it holds more than `high` messages.
+    A reader task feeds the sink; sends go to an outbox that a writer task drains. While the
+    outbox holds more than `high` messages, the sink pauses the upstream and the reader stops
+    taking the client's messages (whatever they would make the relay send waits too), so the
+    outbox stays near `high`. Pings, fragments and keepalive are the server's here.
     """
 
     def __init__(
@@ -266,6 +375,7 @@ class AsgiLeg:
         self._reading = asyncio.Event()
         self._reading.set()
         self._sink: ClientSink | None = None
+        self._paused_by_relay = False
         self._write_paused = False
         self._gone = False
         self._finishing = False
@@ -299,6 +409,7 @@ class AsgiLeg:
                 if self._write_paused and len(outbox) <= self._low:
                     self._write_paused = False
                     sink.client_write_paused(False)
+                    self._update_reading()
             if self._finishing:
                 return
             self._ready.clear()
@@ -310,19 +421,20 @@ class AsgiLeg:
         self._ready.set()
         if not self._write_paused and len(self._outbox) > self._high and self._sink is not None:
             self._write_paused = True
+            self._update_reading()
             self._sink.client_write_paused(True)
+
+    def _update_reading(self) -> None:
+        if self._paused_by_relay or self._write_paused:
+            self._reading.clear()
+        else:
+            self._reading.set()
 
     def send_text(self, text: str) -> None:
         self._queue({"type": "websocket.send", "text": text})
 
     def send_bytes(self, data: bytes) -> None:
         self._queue({"type": "websocket.send", "bytes": data})
-
-    def pause_reading(self) -> None:
-        self._reading.clear()
-
-    def resume_reading(self) -> None:
-        self._reading.set()
 
     async def finish(self) -> None:
         """Stop reading, let the writer send what it holds, and end both tasks.
@@ -340,6 +452,9 @@ class AsgiLeg:
                 await self._writer
             finally:
                 self._writer.cancel()
+
+    def abort_after(self, seconds: float) -> None:
+        pass  # the ASGI server owns the socket and its close
 
 
 class _Inbox:
@@ -436,3 +551,14 @@ class UpstreamConnection(_RelayReadPause, ClientConnection):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._sink.upstream_write_paused(False)
+
+
+def __getattr__(name: str) -> Any:
+    """`WebSocketProtocol`, for `uvicorn app.main:app --ws app.legs:WebSocketProtocol`: the
+    direct leg with the limits of the `RELAY_` environment (read on first access, as
+    `app.main.app` is), so uvicorn's CLI gets the same bounds on pings and fragments."""
+    if name == "WebSocketProtocol":
+        from app.config import load_settings
+
+        return DirectWebSocketProtocol.configured(load_settings().client_max_fragments)
+    raise AttributeError(name)

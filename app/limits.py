@@ -3,12 +3,22 @@
 A session holds one slot in every cap that applies to it (its tier, its client within the tier,
 its model) from admission until it ends. Admission takes all of them in one atomic step or none.
 
-Slots are leases, not counters (as in redis-py's `Lock`): each session holds a random token with an
-expiry in every cap. The relay renews it on a heartbeat (`heartbeat`) and releases it when the
-session ends, so a replica killed with SIGKILL leaks its slots for at most one TTL. With Redis
-(`RedisLimiter`) every replica sharing the store shares the caps; without it (`MemoryLimiter`) one
-process holds them. `make_limiter` picks one from the settings and `admit` applies the fail-open
-policy at admission.
+Slots are leases, not counters (as in redis-py's `Lock`): each session holds a member (its
+admission time and a random token) with an expiry in every cap. The relay renews it on a heartbeat
+(`heartbeat`) and releases it when the session ends, so a replica killed with SIGKILL leaks its
+slots for at most one TTL. With Redis (`RedisLimiter`) every replica sharing the store shares the
+caps; without it (`MemoryLimiter`) one process holds them. `make_limiter` picks one from the
+settings and `admit` applies the fail-open policy at admission.
+
+A renewal that finds its slot gone takes it again whatever the count: the session is live. So when
+Redis loses its data (it restarted empty, or failed over to a replica that had not received the
+leases), the sessions admitted into the emptied store and the older ones that re-register on their
+next renewal can together exceed a cap. To converge back to the cap, each lease's member encodes its
+admission time from Redis's clock, so members sort in admission order, and a renewal that finds a
+cap over its limit with its own lease among the cap's newest `count - limit` gives up that lease
+(`Renewal.OVER_LIMIT`); `heartbeat` then ends the session with `session_limit_reached` (1008). The
+newest sessions are the ones ended, and the count is back at the cap about one renewal interval
+after the older sessions have re-registered.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
@@ -59,10 +70,32 @@ class Cap:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A session's slots: the same random token held in each cap."""
+    """A session's slots: the same member held in each cap.
+
+    `token` is that member: its admission time and a random token, ``<ms, 13 digits>:<hex>``, so
+    members sort (as strings) in admission order, to the millisecond. `RedisLimiter` reads the
+    time from Redis's clock, so members written by different replicas compare. A lease with no
+    caps is stored nowhere and holds only the token.
+    """
 
     token: str
     caps: tuple[Cap, ...]
+
+
+class Renewal(Enum):
+    """What a renewal found."""
+
+    HELD = "held"  # every slot was still held
+    RETAKEN = "retaken"  # some slots were gone and were taken again
+    OVER_LIMIT = "over_limit"  # a cap was over its limit with this lease among its newest: gone
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalResult:
+    """A renewal's outcome: `status`, and for `Renewal.OVER_LIMIT` the cap over its limit."""
+
+    status: Renewal
+    cap: Cap | None = None
 
 
 class Limiter(Protocol):
@@ -84,15 +117,21 @@ class Limiter(Protocol):
         """
         ...
 
-    async def renew(self, lease: Lease) -> bool:
+    async def renew(self, lease: Lease) -> RenewalResult:
         """Push the lease's expiry one TTL ahead of now, in every cap.
 
         A slot that is gone (its lease expired after renewals failed for longer than the TTL, or
-        Redis restarted empty) is taken again even if the cap is now full: the session is live,
-        so counting it keeps the tally true and holds back new admissions until it drops.
+        Redis lost its data) is taken again even if the cap is now full: the session is live, so
+        counting it keeps the tally true and holds back new admissions. Sessions admitted while
+        the slot was gone may then leave a cap over its limit; the newest of them give way: when
+        a cap counts more than its limit and this lease is among its `count - limit` newest (by
+        admission time), the lease is removed from every cap and reported over the limit.
 
         Returns:
-            True when every slot was still held; False when some had to be re-established.
+            `Renewal.HELD` when every slot was still held; `Renewal.RETAKEN` when some had to be
+            taken again (a cap may now count more than its limit, but this lease is not among
+            its newest); `Renewal.OVER_LIMIT`, with the first such cap, when the lease gave all
+            its slots up: end the session.
 
         Raises:
             LimiterUnavailableError: the store cannot be reached (the caller retries next beat).
@@ -117,15 +156,25 @@ def _limit_error(cap: Cap) -> SessionLimitError:
     return SessionLimitError(f"the {cap.name} session limit is reached", cap=cap.name)
 
 
+def _over_limit_error(cap: Cap) -> SessionLimitError:
+    return SessionLimitError(
+        f"the session was ended because the {cap.name} session cap was over its limit after "
+        "the limits store lost its data",
+        cap=cap.name,
+    )
+
+
 class MemoryLimiter:
     """The embedded default: leases in this process, for a single relay instance.
 
     No `await` separates checking a cap from taking it, so each call is atomic on the event loop.
+    Its store cannot lose its data, but a lease can still lapse (an event loop blocked past the
+    TTL), so renewals follow the same rules as Redis's, with members timed by the monotonic clock.
     """
 
     def __init__(self, ttl_seconds: float = 30.0) -> None:
         self.ttl = ttl_seconds
-        self._caps: dict[str, dict[str, float]] = {}  # cap key -> token -> expiry (monotonic)
+        self._caps: dict[str, dict[str, float]] = {}  # cap key -> member -> expiry (monotonic)
 
     def _live(self, key: str, now: float) -> dict[str, float]:
         holders = self._caps.setdefault(key, {})
@@ -134,31 +183,42 @@ class MemoryLimiter:
         return holders
 
     async def acquire(self, caps: Sequence[Cap]) -> Lease:
-        token = secrets.token_hex(16)
-        now = time.monotonic()
+        now_ns = time.monotonic_ns()
+        now = now_ns / 1e9
+        member = f"{now_ns // 1_000_000:013d}:{secrets.token_hex(16)}"
         for cap in caps:
             if len(self._live(cap.key, now)) >= cap.limit:
                 raise _limit_error(cap)
         for cap in caps:
-            self._caps[cap.key][token] = now + self.ttl
-        return Lease(token=token, caps=tuple(caps))
+            self._caps[cap.key][member] = now + self.ttl
+        return Lease(token=member, caps=tuple(caps))
 
-    async def renew(self, lease: Lease) -> bool:
+    async def renew(self, lease: Lease) -> RenewalResult:
         now = time.monotonic()
-        intact = True
+        member = lease.token
+        retaken = False
         for cap in lease.caps:
             holders = self._live(cap.key, now)
-            intact = intact and lease.token in holders
-            holders[lease.token] = now + self.ttl
-        return intact
+            retaken = retaken or member not in holders
+            holders[member] = now + self.ttl
+        for cap in lease.caps:
+            holders = self._caps[cap.key]
+            excess = len(holders) - cap.limit
+            if excess > 0 and sum(other > member for other in holders) < excess:
+                self._remove(lease)
+                return RenewalResult(Renewal.OVER_LIMIT, cap)
+        return RenewalResult(Renewal.RETAKEN if retaken else Renewal.HELD)
 
-    async def release(self, lease: Lease) -> None:
+    def _remove(self, lease: Lease) -> None:
         for cap in lease.caps:
             holders = self._caps.get(cap.key)
             if holders is not None:
                 holders.pop(lease.token, None)
                 if not holders:
                     del self._caps[cap.key]
+
+    async def release(self, lease: Lease) -> None:
+        self._remove(lease)
 
     async def ready(self) -> bool:
         return True
@@ -184,12 +244,15 @@ _KEEP_KEY = """
     end
 """
 
-# KEYS[1..n]  the caps' sorted sets (token -> expiry), all in one Cluster slot.
-# ARGV[1]     the new lease token.
+# KEYS[1..n]  the caps' sorted sets (member -> expiry), all in one Cluster slot.
+# ARGV[1]     the new lease's random token.
 # ARGV[2]     the lease TTL in milliseconds.
 # ARGV[2+i]   the limit of KEYS[i].
-# Returns 0 when the token now holds a slot in every cap; otherwise i, the first full cap, and
-# nothing was taken (expired members of the caps checked so far were purged).
+# Returns the lease's member, its admission time and token ('<ms, 13 digits>:<token>', so members
+# sort in admission order), when it now holds a slot in every cap. Otherwise returns i (an
+# integer), the first full cap, and nothing was taken (expired members of the caps checked so far
+# were purged). After a failover the time is the new master's: a skew between the two machines'
+# clocks shifts which sessions count as the newest.
 ACQUIRE_SCRIPT: Final = (
     _NOW
     + """
@@ -199,39 +262,68 @@ for i, key in ipairs(KEYS) do
         return i
     end
 end
+local member = string.format('%013d', now) .. ':' .. ARGV[1]
 for _, key in ipairs(KEYS) do
-    redis.call('ZADD', key, now + ttl, ARGV[1])
+    redis.call('ZADD', key, now + ttl, member)
 """
     + _KEEP_KEY
     + """
 end
-return 0
+return member
 """
 )
 
 # KEYS[1..n]  the lease's caps.
-# ARGV[1]     the lease token.
+# ARGV[1]     the lease's member (from ACQUIRE).
 # ARGV[2]     the lease TTL in milliseconds.
-# Returns how many caps no longer held the token (it expired, or Redis lost its data) and had it
-# added back, whatever their count: 0 when the lease was intact.
+# ARGV[2+i]   the limit of KEYS[i].
+# Returns {retaken, over}. retaken: how many caps no longer held the member (it expired, or Redis
+# lost its data) and had it added back, whatever their count. over: 0, or the first cap i that
+# now counts more than its limit with this member among its `count - limit` newest (members sort
+# in admission order); then the member was removed from every cap.
+# Reading the members is O(count), but it happens only while a cap is over its limit, that is for
+# about one renewal interval after Redis lost its data; otherwise a renewal costs a ZCARD per cap.
+# Lua compares strings with strcoll (Redis takes LC_COLLATE from its environment); members of
+# this one fixed-width format order alike in byte order and in the usual locales.
 RENEW_SCRIPT: Final = (
     _NOW
     + """
-local missing = 0
+local member = ARGV[1]
+local retaken = 0
 for _, key in ipairs(KEYS) do
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    missing = missing + redis.call('ZADD', key, now + ttl, ARGV[1])
+    retaken = retaken + redis.call('ZADD', key, now + ttl, member)
 """
     + _KEEP_KEY
     + """
 end
-return missing
+for i, key in ipairs(KEYS) do
+    local excess = redis.call('ZCARD', key) - tonumber(ARGV[2 + i])
+    if excess > 0 then
+        local newer = 0
+        for _, other in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+            if other > member then
+                newer = newer + 1
+                if newer >= excess then
+                    break
+                end
+            end
+        end
+        if newer < excess then
+            for _, lost in ipairs(KEYS) do
+                redis.call('ZREM', lost, member)
+            end
+            return {retaken, i}
+        end
+    end
+end
+return {retaken, 0}
 """
 )
 
 # KEYS[1..n]  the lease's caps.
-# ARGV[1]     the lease token.
-# Returns how many caps held the token (0 when it was already released or expired).
+# ARGV[1]     the lease's member.
+# Returns how many caps held the member (0 when it was already released or expired).
 RELEASE_SCRIPT: Final = """
 local held = 0
 for _, key in ipairs(KEYS) do
@@ -248,7 +340,7 @@ class _Closeable(Protocol):
 class RedisLimiter:
     """Leases in Redis, shared by every replica that uses the same store and prefix.
 
-    Each cap is a sorted set of lease tokens scored by expiry, named
+    Each cap is a sorted set of lease members scored by expiry, named
     ``<prefix>:{limits}:<cap key>``. The hash tag puts every cap in one Redis Cluster slot, so one
     script can cover all of a session's caps; the load (a few small commands per session start,
     end and heartbeat) fits one shard easily.
@@ -282,7 +374,7 @@ class RedisLimiter:
         """The Redis key of `cap`'s sorted set."""
         return self._prefix + cap.key
 
-    async def _run(self, script: AsyncScript, caps: Sequence[Cap], args: list[Any]) -> int:
+    async def _run(self, script: AsyncScript, caps: Sequence[Cap], args: list[Any]) -> Any:
         """Run `script` over `caps`: the one place Redis errors become `LimiterUnavailableError`.
 
         `AsyncScript` sends EVALSHA and loads the script on NOSCRIPT, as after a Redis restart.
@@ -296,23 +388,31 @@ class RedisLimiter:
             raise LimiterUnavailableError(
                 "the session limits store is unavailable; retry shortly"
             ) from exc
-        return int(result)
+        return result
 
     async def acquire(self, caps: Sequence[Cap]) -> Lease:
-        lease = Lease(token=secrets.token_hex(16), caps=tuple(caps))
+        token = secrets.token_hex(16)
         if not caps:
-            return lease
-        full = await self._run(
-            self._acquire, caps, [lease.token, self._ttl_ms, *(cap.limit for cap in caps)]
-        )
-        if full:
-            raise _limit_error(caps[full - 1])
-        return lease
+            return Lease(token=token, caps=())
+        limits = [cap.limit for cap in caps]
+        result = await self._run(self._acquire, caps, [token, self._ttl_ms, *limits])
+        # A Lua string comes back as bytes (as str with decode_responses), a number as an int.
+        if isinstance(result, bytes):
+            result = result.decode()
+        if isinstance(result, str):
+            return Lease(token=result, caps=tuple(caps))
+        raise _limit_error(caps[int(result) - 1])
 
-    async def renew(self, lease: Lease) -> bool:
+    async def renew(self, lease: Lease) -> RenewalResult:
         if not lease.caps:
-            return True
-        return await self._run(self._renew, lease.caps, [lease.token, self._ttl_ms]) == 0
+            return RenewalResult(Renewal.HELD)
+        limits = [cap.limit for cap in lease.caps]
+        retaken, over = await self._run(
+            self._renew, lease.caps, [lease.token, self._ttl_ms, *limits]
+        )
+        if int(over):
+            return RenewalResult(Renewal.OVER_LIMIT, lease.caps[int(over) - 1])
+        return RenewalResult(Renewal.RETAKEN if int(retaken) else Renewal.HELD)
 
     async def release(self, lease: Lease) -> None:
         if not lease.caps:
@@ -370,18 +470,28 @@ async def heartbeat(limiter: Limiter, lease: Lease, interval: float, *, log: _Lo
     """Renew `lease` every `interval` seconds (a third of the TTL) until cancelled.
 
     Run it in the session's task group. A store outage never ends the session: the failure is
-    logged and the next beat tries again; a lease found lost is re-established and logged.
+    logged and the next beat tries again; a lease found lost is re-established and logged. A
+    lease that a renewal gave up because its cap was over its limit (`Renewal.OVER_LIMIT`: the
+    store lost its data and admitted newer sessions meanwhile) ends the session.
     Cancel it before releasing the lease: a renewal that landed after the release would take the
     slots again (for one TTL at most).
+
+    Raises:
+        SessionLimitError: the lease was over its cap's limit and was given up; the error names
+            the cap (close 1008).
     """
     while True:
         await asyncio.sleep(interval)
         try:
-            intact = await limiter.renew(lease)
+            renewal = await limiter.renew(lease)
         except LimiterUnavailableError:
             log.warning("lease renewal failed: limits store unavailable; retrying")
             continue
-        if not intact:
+        if renewal.status is Renewal.OVER_LIMIT:
+            assert renewal.cap is not None  # an over-limit renewal names its cap
+            log.warning("lease given up: the %s cap is over its limit", renewal.cap.name)
+            raise _over_limit_error(renewal.cap)
+        if renewal.status is Renewal.RETAKEN:
             log.warning("lease was lost (store restarted or unreachable past the TTL); retaken")
 
 

@@ -27,10 +27,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.auth import credential_from
 from app.client_secrets import client_secrets_router
 from app.config import Settings, load_settings
+from app.connections import connection_protocol
 from app.errors import RelayError
 from app.legs import DirectWebSocketProtocol
 from app.limits import make_limiter
-from app.logs import configure_logging
+from app.logs import configure_logging, guard_wire_logs
 from app.metrics import RelayMetrics
 from app.relay import Receive, Relay, Scope, Send
 from app.wire import OUTPUT_CODECS
@@ -86,6 +87,9 @@ class RelayApp:
 def create_app(settings: Settings | None = None) -> RelayApp:
     """Build the relay app. Without `settings`, they are read from the environment."""
     settings = settings if settings is not None else load_settings()
+    # Here, not only in configure_logging: whoever configures logging, no level logs a key.
+    guard_wire_logs()
+    logger.debug("websockets' DEBUG lines (handshake headers, frames) are left out of the logs")
     metrics = RelayMetrics(settings)
     relay = Relay(settings, metrics, make_limiter(settings))
 
@@ -141,7 +145,8 @@ def create_app(settings: Settings | None = None) -> RelayApp:
 
 
 def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """Uvicorn's configuration for the relay: one worker, sized frames, no deflate on audio."""
+    """Uvicorn's configuration for the relay: one worker, sized frames, no deflate on audio,
+    capped connections with a deadline for their request head."""
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -153,11 +158,15 @@ def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicor
         # Uvicorn's sans-I/O websockets protocol, delivering the relay's messages by callback
         # (legs.py). It was 3.2x nginx's CPU per event and 58 KB per session through ASGI's
         # receive, against 3.9-4.2x and 66-69 KB for uvicorn's legacy protocol (relay_bench.py).
-        "ws": DirectWebSocketProtocol,
+        "ws": DirectWebSocketProtocol.configured(settings.client_max_fragments),
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
         "proxy_headers": True,
     }
     options.update(overrides)
+    if "http" not in options:
+        # Uvicorn's HTTP protocol with RELAY_MAX_CONNECTIONS and RELAY_HANDSHAKE_TIMEOUT_SECONDS
+        # (connections.py): uvicorn alone never times out a connection that sends nothing.
+        options["http"] = connection_protocol(settings)
     return uvicorn.Config(app, **options)
 
 

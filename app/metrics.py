@@ -24,6 +24,8 @@ OUTCOMES: Final = frozenset(
     {
         "completed",
         "client_closed",
+        "client_timeout",
+        "limit",
         "upstream_error",
         "expired",
         "idle",
@@ -58,6 +60,8 @@ ERROR_CODES: Final = frozenset(
         "session_expired",
         "session_idle",
         "upstream_closed",
+        "upstream_timeout",
+        "client_timeout",
         "server_shutting_down",
         "conversation_already_has_active_response",
         "response_cancel_not_active",

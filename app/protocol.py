@@ -7,9 +7,11 @@ built per session at connect time from `Settings`, the client's tier and the cho
   same object when nothing changes) or raises a `ClientError` for the `error` event to send back;
 * `upstream_event(text)` returns the event type, the parsed event when the relay needs its fields,
   and the text to forward to the client (rewritten only for `session.created` / `session.updated`,
-  from which the server's instructions and tool definitions are removed).
+  from which what the server tells the model is removed: see `SessionPolicy`).
 
 What a tier may change is data (`TierSettings.client_may_set`, dotted GA paths), not code.
+A client event may carry only the fields its type defines (`CLIENT_EVENT_FIELDS`), so nothing
+the policy did not judge reaches the upstream, however lenient the upstream is.
 Audio deltas are never decoded here: upstream events are typed from their first bytes.
 """
 
@@ -21,25 +23,30 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from app.config import SessionSettings
-from app.errors import ClientError, FieldLockedError, InvalidEventError
+from app.errors import ClientError, FieldLockedError, InvalidEventError, UpstreamError
 
-# Client event types a Realtime server accepts (REALTIME.md §3). `transcription_session.update` is
-# beta-only; the relay speaks GA upstream, so it is unknown here.
-CLIENT_EVENT_TYPES: Final = frozenset(
-    {
-        "session.update",
-        "input_audio_buffer.append",
-        "input_audio_buffer.commit",
-        "input_audio_buffer.clear",
-        "output_audio_buffer.clear",
-        "conversation.item.create",
-        "conversation.item.retrieve",
-        "conversation.item.truncate",
-        "conversation.item.delete",
-        "response.create",
-        "response.cancel",
-    }
-)
+# The top-level fields of each client event a Realtime server accepts (REALTIME.md §2, §3; the
+# GA `*EventParam` types of the official openai-python SDK): every event has `type` and an
+# optional client-chosen `event_id`. `transcription_session.update` is beta-only; the relay
+# speaks GA upstream, so it is unknown here.
+_ENVELOPE = ("type", "event_id")
+CLIENT_EVENT_FIELDS: Final[dict[str, frozenset[str]]] = {
+    event_type: frozenset({*_ENVELOPE, *fields})
+    for event_type, fields in {
+        "session.update": ("session",),
+        "input_audio_buffer.append": ("audio",),
+        "input_audio_buffer.commit": (),
+        "input_audio_buffer.clear": (),
+        "output_audio_buffer.clear": (),
+        "conversation.item.create": ("item", "previous_item_id"),
+        "conversation.item.retrieve": ("item_id",),
+        "conversation.item.truncate": ("item_id", "content_index", "audio_end_ms"),
+        "conversation.item.delete": ("item_id",),
+        "response.create": ("response",),
+        "response.cancel": ("response_id",),
+    }.items()
+}
+CLIENT_EVENT_TYPES: Final = frozenset(CLIENT_EVENT_FIELDS)
 
 # Upstream events whose fields the relay reads; every other event is forwarded unparsed.
 PARSED_UPSTREAM_TYPES: Final = frozenset(
@@ -51,14 +58,40 @@ PARSED_UPSTREAM_TYPES: Final = frozenset(
         "conversation.item.input_audio_transcription.completed",
     }
 )
+_SESSION_EVENTS = frozenset({"session.created", "session.updated"})
 
 # Per-response fields that never touch what the server locks (REALTIME.md §7.2).
 RESPONSE_FIELDS_ALWAYS_ALLOWED: Final = frozenset({"conversation", "metadata", "input"})
+
+# Message roles a client may write (REALTIME.md §6). An allow-list, matched exactly: `System`
+# or `"system "` must not pass for a role a lenient upstream might read as `system`. `system`
+# itself only where the tier may set instructions: a system message is instructions.
+MESSAGE_ROLES: Final = frozenset({"user", "assistant", "system"})
+
+# Session fields that carry what the server tells the model or the transcriber, or who watches
+# the session (REALTIME.md §5): a client sees them in `session.created` / `session.updated`
+# only if its tier may set them. Fields of `SessionSettings.extra` join them (see SessionPolicy).
+PRIVATE_SESSION_PATHS: Final = (
+    "instructions",
+    "prompt",
+    "tracing",
+    "audio.input.transcription.prompt",
+    "audio.input.transcription.keywords",
+)
+
+# Tool fields holding credentials (an MCP tool's `authorization` and `headers`, REALTIME.md
+# §18.1): never shown to a client, whatever its tier.
+TOOL_CREDENTIAL_FIELDS: Final = frozenset({"authorization", "headers"})
+# What a client sees of a tool its tier may not set: what it is called.
+_TOOL_NAME_FIELDS = ("type", "name", "server_label")
 
 # Servers write "type" first; reading it from the prefix spares parsing every audio delta.
 _TYPE_PREFIX = re.compile(r'\{\s*"type"\s*:\s*"([^"\\]+)"')
 
 INJECTED_EVENT_ID: Final = "relay_session_defaults"
+
+# How much of a client-chosen name (a type, a field) an error repeats.
+_SHOWN = 64
 
 
 class _DuplicateKeyError(ValueError):
@@ -71,7 +104,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise _DuplicateKeyError(repr(key[:64]))
+                raise _DuplicateKeyError(repr(key[:_SHOWN]))
             seen.add(key)
     return fields
 
@@ -98,8 +131,16 @@ class FieldGuard:
         self.allowed = frozenset(allowed)
         self._ancestors = _paths_under(self.allowed)
 
+    def covers(self, path: tuple[str, ...]) -> bool:
+        """Whether `path` or one of its ancestors is allowed (a path covers what lies below)."""
+        return any(".".join(path[:i]) in self.allowed for i in range(1, len(path) + 1))
+
     def locked_paths(self, fields: dict[str, Any], base: str = "") -> list[str]:
-        """The dotted paths in `fields` a client may not set, in document order."""
+        """The dotted paths in `fields` a client may not set, in document order.
+
+        It descends only into proper ancestors of allowed paths, so its depth is bounded by the
+        longest allowed path, however deep `fields` is.
+        """
         locked: list[str] = []
         for key, value in fields.items():
             path = f"{base}{key}"
@@ -122,8 +163,46 @@ def _refuse(paths: list[str], what: str) -> FieldLockedError:
     return FieldLockedError(f"{what} may not change {names}: the relay sets them", param=paths[0])
 
 
+def _unknown_field(
+    event: dict[str, Any], event_type: str, fields: frozenset[str]
+) -> InvalidEventError:
+    """The error naming the first field of `event` its type does not have (truncated)."""
+    name = next(key for key in event if key not in fields)[:_SHOWN]
+    return InvalidEventError(f"{event_type} has no field {name!r}", param=name)
+
+
+def _without(fields: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """`fields` less the value at `path`, copying only the dicts along it (the rest is shared)."""
+    head = path[0]
+    if head not in fields:
+        return fields
+    if len(path) == 1:
+        return {key: value for key, value in fields.items() if key != head}
+    inner = fields[head]
+    if not isinstance(inner, dict):
+        return fields
+    trimmed = _without(inner, path[1:])
+    return fields if trimmed is inner else {**fields, head: trimmed}
+
+
 class SessionPolicy:
     """The decisions for one session: built once at connect, consulted for every event.
+
+    Client events: an event of a known type may carry only that type's fields
+    (`CLIENT_EVENT_FIELDS`), else `invalid_event` names the first other field. A session field
+    or a per-response override outside `client_may_set` is `field_locked`. A message's `role`
+    (in `conversation.item.create` and in each item of `response.create`'s `response.input`) is
+    `user` or `assistant`, or `system` where the tier may set `instructions` (otherwise
+    `field_locked`); any other value is `invalid_event`. JSON nested deeper than the decoder's
+    recursion limit is `invalid_json`.
+
+    Server sessions (`session.created`, `session.updated`) are shown to the client without
+    what the tier may not set of: the instructions, the prompt template (`prompt`), `tracing`,
+    the transcription `prompt` and `keywords` (`PRIVATE_SESSION_PATHS`), and every field of
+    `session.extra` the relay does not otherwise inject: the relay cannot tell which of those
+    the operator meant to keep private, so none is shown unless the tier may set it. Tools stay
+    named (type, name or server label) unless the tier may set tools; tool credentials
+    (`TOOL_CREDENTIAL_FIELDS`) are never shown.
 
     Args:
         session: the server's session defaults (instructions, tools, voice, turn detection...).
@@ -143,15 +222,23 @@ class SessionPolicy:
         output_format: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
-        self.session_guard = FieldGuard({"type", *client_may_set})
+        self.session_guard = guard = FieldGuard({"type", *client_may_set})
         self.response_guard = FieldGuard({*RESPONSE_FIELDS_ALWAYS_ALLOWED, *client_may_set})
-        self.may_set_instructions = "instructions" in self.session_guard.allowed
-        self.may_set_tools = "tools" in self.session_guard.allowed
-        self.injected = self._injected_session(
+        self.may_set_instructions = "instructions" in guard.allowed
+        self.may_set_tools = "tools" in guard.allowed
+        self._roles = MESSAGE_ROLES if self.may_set_instructions else MESSAGE_ROLES - {"system"}
+        self._roles_named = " or ".join(repr(role) for role in sorted(self._roles))
+        base = self._base_session(
             session,
             input_format or {"type": "audio/pcm", "rate": 24000},
             output_format or {"type": "audio/pcm", "rate": 24000},
         )
+        fields = {**base, **session.extra}
+        event = {"type": "session.update", "event_id": INJECTED_EVENT_ID, "session": fields}
+        self.injected = json.dumps(event, separators=(",", ":"))
+        private = [tuple(path.split(".")) for path in PRIVATE_SESSION_PATHS]
+        private += [(key,) for key in session.extra if key not in base]
+        self._hidden = tuple(path for path in dict.fromkeys(private) if not guard.covers(path))
         self._checks: dict[str, Callable[[dict[str, Any]], None]] = {
             "session.update": self._check_session_update,
             "response.create": self._check_response_create,
@@ -159,16 +246,17 @@ class SessionPolicy:
         }
 
     @staticmethod
-    def _injected_session(
+    def _base_session(
         session: SessionSettings, input_format: dict[str, Any], output_format: dict[str, Any]
-    ) -> str:
+    ) -> dict[str, Any]:
+        """The session fields the relay injects itself; `session.extra` is merged over them."""
         audio_input: dict[str, Any] = {
             "format": input_format,
             "turn_detection": session.turn_detection,
             "transcription": session.transcription,
             "noise_reduction": session.noise_reduction,
         }
-        fields: dict[str, Any] = {
+        return {
             "type": "realtime",
             "instructions": session.instructions,
             "tools": session.tools,
@@ -179,10 +267,7 @@ class SessionPolicy:
                 "input": audio_input,
                 "output": {"format": output_format, "voice": session.voice},
             },
-            **session.extra,
         }
-        event = {"type": "session.update", "event_id": INJECTED_EVENT_ID, "session": fields}
-        return json.dumps(event, separators=(",", ":"))
 
     # -- client -> upstream -------------------------------------------------------------------
 
@@ -193,7 +278,9 @@ class SessionPolicy:
             The event type and the parsed event; the frame is forwarded unchanged.
 
         Raises:
-            InvalidEventError: not JSON, not an event, or a type the relay does not know.
+            InvalidEventError: not JSON (`invalid_json`, also for JSON nested too deep to
+                decode), not an event, a field or role its type does not have (`invalid_event`),
+                or a type the relay does not know (`unknown_event_type`).
             FieldLockedError: a change the client's tier does not allow.
         """
         try:
@@ -202,26 +289,34 @@ class SessionPolicy:
             raise InvalidEventError(f"duplicate key {exc} in the event", param=str(exc)) from None
         except ValueError:
             raise InvalidEventError("the frame is not valid JSON", code="invalid_json") from None
+        except RecursionError:
+            # `[[[[…]]]]` a thousand deep exhausts the decoder's recursion: bad input, not a
+            # relay failure. RFC 8259 §9 lets a parser limit the depth of nesting.
+            raise InvalidEventError(
+                "the frame nests JSON deeper than the relay accepts", code="invalid_json"
+            ) from None
         if not isinstance(event, dict):
             raise InvalidEventError("an event must be a JSON object with a string 'type'")
         event_type = event.get("type")
         if not isinstance(event_type, str):
             raise InvalidEventError("an event must be a JSON object with a string 'type'")
-        if event_type not in CLIENT_EVENT_TYPES:
-            error = InvalidEventError(
-                f"unknown client event type {event_type[:64]!r}",
-                code="unknown_event_type",
-                param="type",
-            )
-            error.client_event_id = _event_id(event)
-            raise error
-        check = self._checks.get(event_type)
-        if check is not None:
-            try:
+        fields = CLIENT_EVENT_FIELDS.get(event_type)
+        try:
+            if fields is None:
+                raise InvalidEventError(
+                    f"unknown client event type {event_type[:_SHOWN]!r}",
+                    code="unknown_event_type",
+                    param="type",
+                )
+            # The hot path: an append is two or three keys against a frozenset.
+            if not event.keys() <= fields:
+                raise _unknown_field(event, event_type, fields)
+            check = self._checks.get(event_type)
+            if check is not None:
                 check(event)
-            except ClientError as exc:
-                exc.client_event_id = _event_id(event)
-                raise
+        except ClientError as exc:
+            exc.client_event_id = _event_id(event)
+            raise
         return event_type, event
 
     def _check_session_update(self, event: dict[str, Any]) -> None:
@@ -244,17 +339,34 @@ class SessionPolicy:
         if locked:
             raise _refuse([f"response.{path}" for path in locked], "a response")
         items = response.get("input")
-        if isinstance(items, list) and not self.may_set_instructions:
-            for item in items:
-                if isinstance(item, dict) and item.get("role") == "system":
-                    raise _refuse(["response.input.system"], "a response")
+        if items is None:
+            return
+        if not isinstance(items, list):
+            raise InvalidEventError(
+                "'response.input' must be a list of items", param="response.input"
+            )
+        for item in items:
+            if not isinstance(item, dict):
+                raise InvalidEventError(
+                    "each item of 'response.input' must be an object", param="response.input"
+                )
+            if "role" in item:
+                self._check_role(item["role"], "response.input.role", "response.input.system")
 
     def _check_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")
         if not isinstance(item, dict):
             raise InvalidEventError("conversation.item.create needs an 'item' object", param="item")
-        if item.get("role") == "system" and not self.may_set_instructions:
-            raise _refuse(["item.role"], "a client")  # system messages are instructions
+        if "role" in item:
+            self._check_role(item["role"], "item.role", "item.role")
+
+    def _check_role(self, role: Any, param: str, locked: str) -> None:
+        """Refuse a message role outside the tier's allow-list; `locked` names a system one."""
+        if isinstance(role, str) and role in self._roles:  # a str first: a list is unhashable
+            return
+        if role == "system":  # system messages are instructions
+            raise _refuse([locked], "a client")
+        raise InvalidEventError(f"{param} must be {self._roles_named}", param=param)
 
     # -- upstream -> client -------------------------------------------------------------------
 
@@ -264,7 +376,12 @@ class SessionPolicy:
         Returns:
             The event type (`""` if it has none), the parsed event if the relay reads its fields
             (`PARSED_UPSTREAM_TYPES`, or any event not typed from its prefix), and the text to
-            forward to the client.
+            forward to the client. A frame the relay cannot parse (not JSON, or nested too deep)
+            is not its to judge and goes to the client as it came, typed `""`.
+
+        Raises:
+            UpstreamError: a `session.created` / `session.updated` the relay cannot parse or
+                re-encode: forwarded as it came, it would show the server's instructions.
         """
         match = _TYPE_PREFIX.match(text)
         if match is not None:
@@ -273,30 +390,37 @@ class SessionPolicy:
                 return event_type, None, text
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
+            if match is not None and match.group(1) in _SESSION_EVENTS:
+                raise UpstreamError("the upstream sent a session the relay cannot read") from None
             return "", None, text  # not ours to judge: the client sees what the server sent
         if not isinstance(event, dict):
             return "", None, text
         event_type = event.get("type")
         if not isinstance(event_type, str):
             return "", event, text
-        if event_type in ("session.created", "session.updated"):
-            text = self._redact_session(event)
+        if event_type in _SESSION_EVENTS:
+            try:
+                text = self._redact_session(event)
+            except RecursionError:
+                raise UpstreamError("the upstream sent a session the relay cannot read") from None
         return event_type, event, text
 
     def _redact_session(self, event: dict[str, Any]) -> str:
-        """Drop the server's instructions and tool definitions (tools stay named)."""
+        """The event without the session fields the client may not see (see the class)."""
         session = event.get("session")
         if isinstance(session, dict):
-            visible = dict(session)
-            if not self.may_set_instructions:
-                visible.pop("instructions", None)
+            visible = session
+            for path in self._hidden:
+                visible = _without(visible, path)
             tools = visible.get("tools")
-            if not self.may_set_tools and isinstance(tools, list):
-                visible["tools"] = [
-                    {"type": tool.get("type"), "name": tool.get("name")}
-                    for tool in tools
-                    if isinstance(tool, dict)
-                ]
+            if isinstance(tools, list):
+                shown = [self._visible_tool(tool) for tool in tools if isinstance(tool, dict)]
+                visible = {**visible, "tools": shown}
             event = {**event, "session": visible}
         return json.dumps(event, separators=(",", ":"))
+
+    def _visible_tool(self, tool: dict[str, Any]) -> dict[str, Any]:
+        if not self.may_set_tools:
+            return {key: tool[key] for key in _TOOL_NAME_FIELDS if key in tool}
+        return {key: value for key, value in tool.items() if key not in TOOL_CREDENTIAL_FIELDS}

@@ -30,6 +30,7 @@ from app.config import Settings, TierSettings
 from app.errors import (
     AdmissionError,
     ClientError,
+    ClientTimeoutError,
     CloseCode,
     InvalidAudioError,
     LimiterUnavailableError,
@@ -41,6 +42,7 @@ from app.errors import (
     UnsupportedClientError,
     UpstreamClosedError,
     UpstreamError,
+    UpstreamTimeoutError,
     event_for,
 )
 from app.legs import (
@@ -91,6 +93,8 @@ _AUDIO_OUTPUT_EVENTS: Final = frozenset(
 _PACKET_GAP_SECONDS: Final = 0.002
 
 _OUTCOMES: Final = {
+    "client_timeout": "client_timeout",
+    "session_limit_reached": "limit",  # a cap over its limit after Redis lost its data
     "session_expired": "expired",
     "session_idle": "idle",
     "server_shutting_down": "shutdown",
@@ -411,9 +415,17 @@ class RelaySession:
         await self._send_client(self.error_text(exc))
 
     async def _close(self, code: int, error: RelayError | None = None) -> None:
-        """Tell the client why (if there is a why), then close it; never raises."""
+        """Tell the client why (if there is a why), then close it; never raises.
+
+        A client that does not read lets neither the `error` event nor the close out of the
+        relay's buffer; the direct leg drops its connection after the close timeout.
+        """
+        timeout = self.relay.settings.upstream.close_timeout_seconds
+        direct = (self.scope.get("extensions") or {}).get(DIRECT_EXTENSION)
+        if direct is not None:
+            direct["leg"].abort_after(2 * timeout)
         try:
-            async with asyncio.timeout(self.relay.settings.upstream.close_timeout_seconds):
+            async with asyncio.timeout(timeout):
                 if self.leg is not None:  # what the data plane sent goes first; its tasks end
                     await self.leg.finish()
                 if not self.client_open:
@@ -459,6 +471,7 @@ class _Pipe:
         self._backlog: deque[bytes | None] = deque()
         self._next_packet: asyncio.TimerHandle | None = None
         self._client_write_paused = False
+        self._bad_delta_logged = False
 
     async def run(self) -> None:
         self.upstream.attach(self)
@@ -526,6 +539,9 @@ class _Pipe:
         self.session.client_open = False
         self._end(_Ended("client_closed", CloseCode.NORMAL))
 
+    def client_timed_out(self) -> None:
+        self._end(ClientTimeoutError("the client did not answer keepalive pings in time"))
+
     def client_write_paused(self, paused: bool) -> None:
         self._client_write_paused = paused
         if self.ended.done():  # `run` has resumed both sockets for the close handshakes
@@ -563,7 +579,11 @@ class _Pipe:
         """Send an audio event with its audio as binary frames (`wire.py`)."""
         audio, client = self.audio, self.client
         if event_type == "response.output_audio.delta":
-            text, frames = audio.delta_frames(text)
+            split = audio.delta_frames(text)
+            if split is None:
+                self._bad_delta()
+                return
+            text, frames = split
             client.send_text(text)
             self._frames = frames
             self._pace()  # the first packet at once, the others `_PACKET_GAP_SECONDS` apart
@@ -576,6 +596,13 @@ class _Pipe:
         client.send_text(text)
         for frame in tail:
             client.send_bytes(frame)
+
+    def _bad_delta(self) -> None:
+        """Skip an audio delta that is not one; the session goes on (logged once)."""
+        self.session.relay.metrics.error("upstream", "invalid_audio")
+        if not self._bad_delta_logged:
+            self._bad_delta_logged = True
+            self.session.log.warning("skipped an upstream audio delta that is not base64 PCM")
 
     def _pace_after(self, delay: float) -> None:
         """Send the next packet in `delay` seconds, unless that is already planned."""
@@ -616,8 +643,12 @@ class _Pipe:
             self._backlog.append(None)
             return
         code = self.upstream.close_code
+        sent = self.upstream.protocol.close_sent
         if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self._end(_Ended("completed", code))
+        elif sent is not None and sent.code == CloseCode.INTERNAL and code == 1006:
+            # websockets' keepalive gave up (close 1011 sent, none received): a stalled upstream
+            self._end(UpstreamTimeoutError("the upstream stopped answering keepalive pings"))
         elif code is None or code == 1006:  # no close frame: the socket was lost
             self._end(UpstreamClosedError("the upstream connection was lost"))
         else:

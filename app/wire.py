@@ -17,7 +17,6 @@ object (`codec`, `samples` at 24 kHz (or 8 kHz for G.711), `frames`), followed b
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -142,23 +141,28 @@ class ClientAudio:
             return None
         return _append(audio)
 
-    def delta_frames(self, text: str) -> tuple[str, Iterator[bytes]]:
+    def delta_frames(self, text: str) -> tuple[str, Iterator[bytes]] | None:
         """Split a `response.output_audio.delta` into its JSON (audio removed) and binary frames.
 
         The frames are encoded as they are taken, one 20 ms Opus packet at a time, so the relay
         can send each at once and let client audio in between (an encode of 100 ms at once held
         the event loop ~0.7 ms).
+
+        Returns:
+            None for a delta that is not one: not a JSON object, its `delta` not a base64
+            string, or PCM16 of an odd length. Its audio cannot be sent as the client's codec,
+            and its base64 is what the client asked not to get.
         """
-        event = json.loads(text)
         try:
-            pcm = base64.b64decode(event.get("delta", ""), validate=True)
-        except (binascii.Error, ValueError):
-            return text, iter(())  # not ours to judge: forward what the server sent
+            event = json.loads(text)
+            pcm = base64.b64decode(event["delta"], validate=True)
+        except (ValueError, TypeError, KeyError, RecursionError):  # binascii.Error is a ValueError
+            return None
         if self.encoder is None:  # G.711: the upstream's bytes as they are
             frames = [_AUDIO_OUT + pcm] if pcm else []
             return self._described(event, len(pcm), len(frames)), iter(frames)
         if len(pcm) % 2:
-            return text, iter(())
+            return None
         if self.encoder.codec is OutputCodec.OPUS:
             count = (self.encoder.pending + len(pcm) // 2) // FRAME_SAMPLES
             samples = count * FRAME_SAMPLES

@@ -152,7 +152,15 @@ async def relay_process_factory() -> AsyncIterator[Callable[..., Awaitable[Relay
     """Starts `python -m app` with the given environment; kills what is left after the test."""
     started: list[RelayProcess] = []
 
-    async def start(upstream_url: str, capture_logs: bool = False, **env: str) -> RelayProcess:
+    async def start(
+        upstream_url: str,
+        capture_logs: bool = False,
+        portable: bool = False,
+        uvicorn_args: tuple[str, ...] = (),
+        **env: str,
+    ) -> RelayProcess:
+        """`portable`: run `uvicorn app.main:app` (uvicorn's own WebSocket protocol, ASGI), with
+        `uvicorn_args` added to its command line."""
         port = _free_port()
         environment = {
             **os.environ,
@@ -163,8 +171,12 @@ async def relay_process_factory() -> AsyncIterator[Callable[..., Awaitable[Relay
             **env,
         }
         stderr = asyncio.subprocess.PIPE if capture_logs else None
+        command = ["-m", "app"]
+        if portable:
+            command = ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+            command.extend(uvicorn_args)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "app", env=environment, stderr=stderr
+            sys.executable, *command, env=environment, stderr=stderr
         )
         handle = RelayProcess(process, port)
         started.append(handle)

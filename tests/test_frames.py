@@ -26,12 +26,12 @@ SIZES = (0, 1, 125, 126, 127, 65_535, 65_536, 200_000)
 class Collector:
     """A reader's callbacks, recorded."""
 
-    def __init__(self, max_size: int = 2**20) -> None:
+    def __init__(self, max_size: int = 2**20, max_fragments: int = 1024) -> None:
         self.messages: list[tuple[int, bytes]] = []
         self.controls: list[tuple[int, bytes]] = []
         self.handed_off: list[bytes] = []
         self.reader = ClientFrameReader(
-            max_size, self._message, self._control, self.handed_off.append
+            max_size, max_fragments, self._message, self._control, self.handed_off.append
         )
 
     def _message(self, opcode: int, payload: bytes) -> None:
@@ -166,6 +166,50 @@ def test_size_limit():
     with pytest.raises(FrameError) as error:
         sink.reader.feed(client_frame(Opcode.CONT, b"x" * 600))
     assert error.value.code == 1009
+
+
+def test_an_oversized_continuation_is_1009():
+    """A continuation whose own length is over the limit fails with 1009, not 1002."""
+    sink = Collector(max_size=1000)
+    sink.reader.feed(client_frame(Opcode.TEXT, b"[", fin=False))
+    with pytest.raises(FrameError) as error:
+        sink.reader.feed(client_frame(Opcode.CONT, b"x" * 1001))
+    assert error.value.code == 1009
+
+
+@pytest.mark.parametrize("payload", [b"", b"x"])
+def test_fragment_count_limit(payload):
+    """A message in more frames than `max_fragments`, empty ones included, fails with 1009."""
+    sink = Collector(max_fragments=10)
+    stream = client_frame(Opcode.TEXT, b"[", fin=False)
+    stream += client_frame(Opcode.CONT, payload, fin=False) * 8 + client_frame(Opcode.CONT, b"]")
+    sink.reader.feed(stream)  # 10 frames: accepted
+    assert sink.messages == [(TEXT, b"[" + payload * 8 + b"]")]
+    with pytest.raises(FrameError) as error:
+        sink.reader.feed(stream[:-7] + client_frame(Opcode.CONT, payload, fin=False) * 2)
+    assert error.value.code == 1009
+
+
+def test_a_paused_reader_keeps_the_rest_until_resumed():
+    """Paused from a callback, the reader stops before the next frame and loses none."""
+    sink = Collector()
+    delivered: list[bytes] = []
+
+    def message(opcode: int, payload: bytes) -> None:
+        delivered.append(payload)
+        sink.reader.paused = True  # as a full write buffer does
+
+    sink.reader._on_message = message
+    frames = [client_frame(Opcode.TEXT, str(n).encode()) for n in range(5)]
+    sink.reader.feed(b"".join(frames) + frames[0][:3])  # and a frame's first bytes
+    assert delivered == [b"0"]
+    sink.reader.feed(frames[0][3:])  # read while paused: kept, not parsed
+    assert delivered == [b"0"]
+    for expected in (b"1", b"2", b"3", b"4", b"0"):
+        sink.reader.resume()
+        assert delivered[-1] == expected
+    sink.reader.resume()
+    assert len(delivered) == 6
 
 
 @pytest.mark.parametrize("size", SIZES)

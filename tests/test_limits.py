@@ -7,6 +7,8 @@ The contract suite runs against `MemoryLimiter`, `RedisLimiter` on a private `re
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +20,8 @@ import redis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.crc import key_slot
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from app.config import ConfigError, Settings
 from app.errors import LimiterUnavailableError, SessionLimitError
@@ -27,11 +31,14 @@ from app.limits import (
     Limiter,
     MemoryLimiter,
     RedisLimiter,
+    Renewal,
+    RenewalResult,
     admit,
     heartbeat,
     make_limiter,
     session_caps,
 )
+from tests.conftest import RelayServer, relay_settings
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -40,6 +47,9 @@ SHORT_TTL = 1.5  # the shortest lease Settings allows is just over 1 s
 WAIT = 10.0  # bound on every wait for a lease to expire or a store to fail
 
 Replicas = Callable[..., Awaitable[list[Limiter]]]
+
+HELD = RenewalResult(Renewal.HELD)
+RETAKEN = RenewalResult(Renewal.RETAKEN)
 
 
 def settings(**overrides: Any) -> Settings:
@@ -119,6 +129,21 @@ async def redis_limiter(url: str, ttl: float = 30.0) -> RedisLimiter:
     return limiter
 
 
+async def outlive_ttl(ttl: float = SHORT_TTL) -> None:
+    """Sleep past the TTL: unrenewed leases lapse, as when the store loses them."""
+    await asyncio.sleep(ttl + 0.3)
+
+
+async def assert_holds_exactly_its_limit(limiter: Limiter, cap: Cap, holder: Lease) -> None:
+    """`cap` is full, and with `holder` released there is room for exactly one more."""
+    with pytest.raises(SessionLimitError):
+        await limiter.acquire([cap])
+    await limiter.release(holder)
+    await limiter.acquire([cap])
+    with pytest.raises(SessionLimitError):
+        await limiter.acquire([cap])
+
+
 TIER = Cap("tier:t", 2, "tier")
 
 
@@ -165,7 +190,7 @@ async def test_no_caps_take_nothing(limiter: Limiter) -> None:
     """A session under no cap gets an empty lease that renews and releases."""
     lease = await limiter.acquire([])
     assert lease.caps == ()
-    assert await limiter.renew(lease)
+    assert await limiter.renew(lease) == HELD
     await limiter.release(lease)
 
 
@@ -184,10 +209,10 @@ async def test_lease_expires_without_renewal_and_renew_retakes_it(replicas: Repl
                 await asyncio.sleep(0.1)
     assert time.monotonic() - started > SHORT_TTL - 0.5  # it lived (about) its TTL
     await limiter.release(newcomer)
-    assert not await limiter.renew(lost)  # lost, and taken again: the session is still live
+    assert await limiter.renew(lost) == RETAKEN  # lost, taken again: the session is still live
     with pytest.raises(SessionLimitError):
         await limiter.acquire([cap])
-    assert await limiter.renew(lost)
+    assert await limiter.renew(lost) == HELD
 
 
 async def test_renewal_keeps_the_lease_past_its_ttl(replicas: Replicas) -> None:
@@ -201,7 +226,7 @@ async def test_renewal_keeps_the_lease_past_its_ttl(replicas: Replicas) -> None:
         with pytest.raises(SessionLimitError):
             await limiter.acquire([cap])
         group.cancel_scope.cancel()
-    assert await limiter.renew(lease)  # intact: it never lapsed
+    assert await limiter.renew(lease) == HELD  # intact: it never lapsed
 
 
 async def test_concurrent_acquires_admit_exactly_the_cap(replicas: Replicas) -> None:
@@ -224,6 +249,74 @@ async def test_admit_takes_the_lease(limiter: Limiter) -> None:
     assert isinstance(await admit(limiter, [cap], fail_open=True), Lease)
     with pytest.raises(SessionLimitError):
         await admit(limiter, [cap], fail_open=True)
+
+
+async def test_members_sort_in_admission_order(limiter: Limiter) -> None:
+    """A lease's member is its admission time and a token: members sort in admission order."""
+    cap = Cap("tier:t", 5, "tier")
+    members = []
+    for _ in range(3):
+        members.append((await limiter.acquire([cap])).token)
+        await asyncio.sleep(0.005)  # members order to the millisecond
+    assert sorted(members) == members
+    assert all(re.fullmatch(r"\d{13}:[0-9a-f]{32}", member) for member in members)
+
+
+async def test_renewals_over_the_cap_end_the_newest_leases(replicas: Replicas) -> None:
+    """Lapsed leases retaken over a full cap: the newest renew OVER_LIMIT, back to the cap."""
+    (limiter,) = await replicas(ttl=SHORT_TTL)
+    cap = Cap("tier:t", 5, "tier")
+    old = [await limiter.acquire([cap]) for _ in range(5)]
+    await outlive_ttl()  # their sessions live on, but the store forgot them
+    new = [await limiter.acquire([cap]) for _ in range(5)]
+    assert await limiter.renew(new[0]) == HELD  # the old ones are not back yet
+    for lease in old:
+        assert await limiter.renew(lease) == RETAKEN
+    for lease in new:
+        assert await limiter.renew(lease) == RenewalResult(Renewal.OVER_LIMIT, cap)
+    for lease in old:
+        assert await limiter.renew(lease) == HELD
+    await assert_holds_exactly_its_limit(limiter, cap, old[0])
+
+
+async def test_over_limit_leaves_every_cap_and_names_the_cap(replicas: Replicas) -> None:
+    """A lease newest in a cap over its limit leaves all its caps; the result names that cap."""
+    (limiter,) = await replicas(ttl=SHORT_TTL)
+    wide, narrow = Cap("tier:t", 4, "tier"), Cap("client:t:a", 2, "client")
+    old = [await limiter.acquire([wide, narrow]) for _ in range(2)]
+    await outlive_ttl()
+    newest = await limiter.acquire([wide, narrow])
+    other = await limiter.acquire([wide])
+    for lease in old:  # the second takes `narrow` over its limit, but `newest` is newer
+        assert await limiter.renew(lease) == RETAKEN
+    assert await limiter.renew(newest) == RenewalResult(Renewal.OVER_LIMIT, narrow)
+    assert await limiter.renew(other) == HELD
+    await limiter.acquire([wide])  # `newest` left `wide` too: old, old, other and this one
+    with pytest.raises(SessionLimitError):
+        await limiter.acquire([wide])
+    with pytest.raises(SessionLimitError):
+        await limiter.acquire([narrow])
+
+
+async def test_heartbeat_ends_a_session_over_the_cap(replicas: Replicas) -> None:
+    """`heartbeat` raises `session_limit_reached` (1008, the cap named) when over the limit."""
+    (limiter,) = await replicas(ttl=SHORT_TTL)
+    cap = Cap("tier:t", 1, "tier")
+    old = await limiter.acquire([cap])
+    await outlive_ttl()
+    new = await limiter.acquire([cap])
+    assert await limiter.renew(old) == RETAKEN
+    with anyio.fail_after(WAIT), pytest.raises(SessionLimitError) as ended:
+        await heartbeat(limiter, new, SHORT_TTL / 3)
+    assert (ended.value.code, ended.value.close_code, ended.value.cap) == (
+        "session_limit_reached",
+        1008,
+        "tier",
+    )
+    assert "ended" in ended.value.message and "lost its data" in ended.value.message
+    assert await limiter.renew(old) == HELD
+    with pytest.raises(SessionLimitError):
+        await limiter.acquire([cap])
 
 
 # Redis only: outages, restarts, replicas, key layout, URLs
@@ -271,11 +364,72 @@ async def test_renew_after_empty_restart_reestablishes_the_lease(
     try:
         lease = await limiter.acquire([cap])
         redis_server.restart()
-        assert not await limiter.renew(lease)
+        assert await limiter.renew(lease) == RETAKEN
         with pytest.raises(SessionLimitError):
             await limiter.acquire([cap])
-        assert await limiter.renew(lease)
+        assert await limiter.renew(lease) == HELD
         assert await limiter.ready()
+    finally:
+        await limiter.aclose()
+
+
+async def test_empty_restart_over_the_cap_ends_the_newest(redis_server: RedisServer) -> None:
+    """Redis restarts empty under a full cap of 5, admits 5 more: the 5 newest end, 5 remain."""
+    limiter = await redis_limiter(redis_server.url)
+    cap = Cap("tier:t", 5, "tier")
+    key = limiter.key(cap)
+    try:
+        old = [await limiter.acquire([cap]) for _ in range(5)]
+        redis_server.restart()
+        new = [await limiter.acquire([cap]) for _ in range(5)]
+        with pytest.raises(SessionLimitError):
+            await limiter.acquire([cap])
+        assert await limiter.renew(new[0]) == HELD  # not over the limit yet
+        for lease in old:
+            assert await limiter.renew(lease) == RETAKEN
+        assert await limiter.client.zcard(key) == 10
+        for lease in new:
+            assert await limiter.renew(lease) == RenewalResult(Renewal.OVER_LIMIT, cap)
+        assert await limiter.client.zcard(key) == 5
+        for lease in old:
+            assert await limiter.renew(lease) == HELD
+        for lease in old:
+            assert await limiter.client.zscore(key, lease.token) is not None
+        with pytest.raises(SessionLimitError):
+            await limiter.acquire([cap])
+    finally:
+        await limiter.aclose()
+
+
+async def test_empty_restart_under_the_cap_retakes_quietly(redis_server: RedisServer) -> None:
+    """After an empty restart, renewals within the cap's limit retake their leases quietly."""
+    limiter = await redis_limiter(redis_server.url)
+    cap = Cap("tier:t", 5, "tier")
+    try:
+        old = [await limiter.acquire([cap]) for _ in range(3)]
+        redis_server.restart()
+        new = [await limiter.acquire([cap]) for _ in range(2)]
+        for lease in old:
+            assert await limiter.renew(lease) == RETAKEN
+        for lease in [*new, *old]:
+            assert await limiter.renew(lease) == HELD
+        assert await limiter.client.zcard(limiter.key(cap)) == 5
+        with pytest.raises(SessionLimitError):
+            await limiter.acquire([cap])
+    finally:
+        await limiter.aclose()
+
+
+async def test_decoded_responses_take_and_renew_leases(redis_server: RedisServer) -> None:
+    """A client made with ``decode_responses=true`` (a URL option) reads the scripts' replies."""
+    limiter = await redis_limiter(redis_server.url + "?decode_responses=true")
+    cap = Cap("tier:t", 1, "tier")
+    try:
+        lease = await limiter.acquire([cap])
+        assert re.fullmatch(r"\d{13}:[0-9a-f]{32}", lease.token)
+        with pytest.raises(SessionLimitError):
+            await limiter.acquire([cap])
+        assert await limiter.renew(lease) == HELD
     finally:
         await limiter.aclose()
 
@@ -424,3 +578,91 @@ async def test_make_limiter_reads_the_url() -> None:
     with pytest.raises(ConfigError) as bad:
         make_limiter(settings(redis_url="redis+sentinel://:secretpw@host"))
     assert "secretpw" not in str(bad.value)
+
+
+# Through a relay
+
+
+async def open_session(url: str) -> ClientConnection:
+    """Connect and wait for `session.created`: the relay admitted the session."""
+    ws = await connect(url, open_timeout=WAIT)
+    async with asyncio.timeout(WAIT):
+        event = json.loads(await ws.recv())
+    assert event["type"] == "session.created", event
+    return ws
+
+
+async def events_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every event the client gets until the relay closes the connection (bounded)."""
+    events = []
+    async with asyncio.timeout(WAIT):
+        try:
+            while True:
+                events.append(json.loads(await ws.recv()))
+        except ConnectionClosed:
+            return events
+
+
+async def until_quiet(client: Redis, key: str, count: int, lease_ttl: float, quiet: float) -> None:
+    """Wait until `key` holds `count` leases and none is renewed again for `quiet` seconds.
+
+    A heartbeat renews every third of the TTL, and a lease's score is its last renewal plus the
+    TTL, both on Redis's clock.
+    """
+    interval_ms = lease_ttl * 1000 / 3
+    async with asyncio.timeout(WAIT):
+        while True:
+            clock: Any = await client.time()
+            leases: Any = await client.zrange(key, 0, -1, withscores=True)
+            now_ms = clock[0] * 1000 + clock[1] / 1000
+            scores = [float(score) for _, score in leases]
+            next_ms = min(scores, default=now_ms) - lease_ttl * 1000 + interval_ms
+            if len(scores) == count and next_ms - now_ms >= quiet * 1000:
+                return
+            await asyncio.sleep(0.005)
+
+
+async def test_relay_ends_the_newest_sessions_over_the_cap_after_redis_restarts_empty(
+    relay_factory: Callable[..., Awaitable[RelayServer]], upstream: Any, redis_server: RedisServer
+) -> None:
+    """After an empty Redis restart over the cap, the relay ends the newest sessions with 1008."""
+    ttl = SHORT_TTL  # renewals every 0.5 s
+    settings = relay_settings(
+        upstream.url,
+        redis_url=redis_server.url,
+        tiers={"default": {"max_sessions": 5}},
+        lease_ttl_seconds=ttl,
+    )
+    relay = await relay_factory(settings)
+    client = Redis.from_url(redis_server.url)
+    key = "relay:{limits}:tier:default"
+    opened: list[ClientConnection] = []
+    try:
+        # Opened together, the sessions renew together, leaving a quiet window between beats.
+        old = await asyncio.gather(*(open_session(relay.ws_url) for _ in range(5)))
+        opened += old
+        # The old sessions renew next in 0.3 s or more: the new ones are admitted before that.
+        await until_quiet(client, key, 5, ttl, quiet=0.3)
+        redis_server.restart()
+        await client.connection_pool.disconnect()  # its connections died with the server
+        new = await asyncio.gather(*(open_session(relay.ws_url) for _ in range(5)))
+        opened += new
+        for events in await asyncio.gather(*(events_until_closed(ws) for ws in new)):
+            error = events[-1]
+            assert error["type"] == "error", events
+            assert (error["error"]["code"], error["error"]["param"]) == (
+                "session_limit_reached",
+                "tier",
+            )
+            assert "lost its data" in error["error"]["message"]
+        assert [ws.close_code for ws in new] == [1008] * 5
+        await asyncio.sleep(2 * ttl / 3)  # two more renewals: the old sessions are not ended
+        for ws in old:
+            async with asyncio.timeout(WAIT):
+                await (await ws.ping())
+        assert await client.zcard(key) == 5
+    finally:
+        for ws in opened:
+            async with asyncio.timeout(WAIT):
+                await ws.close()
+        await client.aclose()
