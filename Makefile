@@ -3,7 +3,7 @@
 
 run:  ## Run the relay with the bundled page (OpenAI if OPENAI_API_KEY is set, else a local echo upstream)
 	scripts/bootstrap.sh run
-	.venv/bin/python -m app --demo
+	.venv/bin/realtime-relay --demo
 
 test:  ## Format check, lint, strict types and the whole test suite
 	scripts/test.sh

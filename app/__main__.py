@@ -1,4 +1,4 @@
-"""`python -m app`: run the relay under uvicorn with its settings.
+"""`realtime-relay` (or `python -m app`): run the relay under uvicorn with its settings.
 
 With `--demo` and no `OPENAI_API_KEY`, the bundled local upstream (it echoes your speech back)
 runs in the same process and the relay points at it; the log and the page say so.
@@ -60,7 +60,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser = argparse.ArgumentParser(prog="realtime-relay", description=__doc__)
     parser.add_argument(
         "--demo",
         action="store_true",

@@ -6,9 +6,12 @@ credential is never sent upstream. `Authenticator.authenticate` accepts, in this
 
 - a client key from `RELAY_CLIENT_KEYS` (plaintext or `sha256:<hex>`), compared in constant time
   against every entry; the client id is ``key:`` + 16 hex digits of the key's SHA-256;
-- a relay-minted token, ``ek_<payload>.<mac>`` (`Authenticator.mint`, served by
-  `app.client_secrets`): HMAC-SHA256 with `RELAY_TOKEN_SECRET` over the tier, client id, expiry
-  and a nonce. The payload is readable (like a JWT's), not secret;
+- a relay-minted token, ``ek_`` + a compact JWS (`Authenticator.mint`, served by
+  `app.client_secrets`): HS256 under a key derived from `RELAY_TOKEN_SECRET`, audience
+  `EK_AUDIENCE`, with the client id (``sub``), ``tier``, ``iat``, ``exp``, ``jti`` and, when it
+  was minted for one model, ``model`` (the session may then use that model only). Its claims are
+  readable, not secret. Its own key and audience keep it apart from an app's JWTs: neither passes
+  as the other even where one secret is configured for both;
 - a JWT from an app's own login (`RELAY_JWT__*`): HS256 with a secret or RS256/ES256 with a PEM
   public key; ``exp`` and ``sub`` are required (client id ``sub:`` + sub) and the tier claim must
   name a configured tier. A token without the claim is refused rather than given a default tier:
@@ -20,12 +23,9 @@ browsers from origins not allowed (cross-site WebSocket hijacking).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import secrets
 import time
@@ -48,9 +48,20 @@ KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
 BETA_SUBPROTOCOL: Final = "openai-beta.realtime-v1"
 ANONYMOUS: Final = "anonymous"
 MINTED_PREFIX: Final = "ek_"
+# The `aud` of every ek_ token; an app JWT never carries it (and an ek_ token fails `_verify_jwt`
+# for carrying one where none, or another, is expected).
+EK_AUDIENCE: Final = "realtime-relay:ek"
+# OpenAI's bounds for `expires_after.seconds` (API reference, RealtimeCreateClientSecretRequest).
+MIN_TOKEN_TTL_SECONDS: Final = 10
+MAX_TOKEN_TTL_SECONDS: Final = 7200
 # RFC 7518 §3.2: an HMAC-SHA256 key must be at least as long as the hash output.
 MIN_SECRET_BYTES: Final = 32
-_MAC_CONTEXT: Final = b"realtime-relay ek v1."
+# ek_ tokens are signed with HMAC(RELAY_TOKEN_SECRET, this), not the secret itself, so that a
+# secret also configured as RELAY_JWT__SECRET still signs nothing the other path accepts.
+_EK_KEY_CONTEXT: Final = b"realtime-relay:ek:hs256"
+_EK_CLAIMS: Final = ["aud", "sub", "tier", "iat", "exp", "jti"]
+# Replicas verify each other's tokens: allow for a little clock skew on `iat` and `exp`.
+_EK_LEEWAY_SECONDS: Final = 5
 _DEFAULT_PORTS: Final = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 
@@ -65,23 +76,20 @@ class CredentialKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated client: its tier and a stable id for per-client limits (never the key)."""
+    """An authenticated client: its tier and a stable id for per-client limits (never the key).
+
+    `model` is set when the credential is bound to one model (an ek_ token minted for it): the
+    session then uses that model and may not ask for another.
+    """
 
     tier: str
     client_id: str
     kind: CredentialKind = CredentialKind.KEY
+    model: str | None = None
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def credential_from(
@@ -200,13 +208,14 @@ class Authenticator:
         self.tiers = frozenset(settings.tiers)
         self.token_ttl = settings.token_ttl_seconds
         if settings.token_secret is not None:
-            self._token_secret = settings.token_secret.get_secret_value().encode()
-            if len(self._token_secret) < MIN_SECRET_BYTES:
+            token_secret = settings.token_secret.get_secret_value().encode()
+            if len(token_secret) < MIN_SECRET_BYTES:
                 raise ConfigError(f"RELAY_TOKEN_SECRET: use at least {MIN_SECRET_BYTES} bytes")
             self._secret_is_local = False
         else:
-            self._token_secret = secrets.token_bytes(MIN_SECRET_BYTES)
+            token_secret = secrets.token_bytes(MIN_SECRET_BYTES)
             self._secret_is_local = True
+        self._ek_key = hmac.new(token_secret, _EK_KEY_CONTEXT, hashlib.sha256).digest()
         self._jwt = settings.jwt
         self._jwt_keys = _jwt_keys(settings)
 
@@ -243,53 +252,75 @@ class Authenticator:
 
     # Minted tokens
 
-    def _mac(self, payload: str) -> str:
-        mac = hmac.new(self._token_secret, _MAC_CONTEXT + payload.encode("ascii"), "sha256")
-        return _b64encode(mac.digest())
-
-    def mint(self, identity: Identity, ttl_seconds: int | None = None) -> tuple[str, int]:
+    def mint(
+        self,
+        identity: Identity,
+        ttl_seconds: int | None = None,
+        *,
+        model: str | None = None,
+        now: float | None = None,
+    ) -> tuple[str, int]:
         """A short-lived ``ek_`` token for `identity`'s tier and client id.
 
         Args:
             identity: whom the token stands for; sessions opened with it count against the
                 same per-client cap.
-            ttl_seconds: the lifetime, at most (and by default) `RELAY_TOKEN_TTL_SECONDS`.
+            ttl_seconds: the lifetime, `MIN_TOKEN_TTL_SECONDS` to `MAX_TOKEN_TTL_SECONDS` as
+                OpenAI's; capped at (and by default) `RELAY_TOKEN_TTL_SECONDS`.
+            model: bind the token to this model: its sessions use it and no other. The caller
+                checks that the tier may use it.
+            now: the issue time (Unix seconds), the clock by default.
 
         Returns:
             The token and its expiry (Unix seconds).
+
+        Raises:
+            ValueError: `ttl_seconds` is outside OpenAI's range.
         """
+        if ttl_seconds is not None and not (
+            MIN_TOKEN_TTL_SECONDS <= ttl_seconds <= MAX_TOKEN_TTL_SECONDS
+        ):
+            raise ValueError(f"ttl_seconds must be {MIN_TOKEN_TTL_SECONDS}-{MAX_TOKEN_TTL_SECONDS}")
         if self._secret_is_local:
             self._secret_is_local = False  # warn once
             logger.warning(
                 "RELAY_TOKEN_SECRET is not set: minted tokens use a per-process secret and only "
                 "work on the replica that minted them, until it restarts"
             )
-        ttl = self.token_ttl if ttl_seconds is None else max(1, min(ttl_seconds, self.token_ttl))
-        expires_at = int(time.time()) + ttl
-        claims = {"t": identity.tier, "c": identity.client_id, "e": expires_at}
-        claims["n"] = secrets.token_urlsafe(12)
-        payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
-        return f"{MINTED_PREFIX}{payload}.{self._mac(payload)}", expires_at
+        ttl = self.token_ttl if ttl_seconds is None else min(ttl_seconds, self.token_ttl)
+        issued_at = int(time.time() if now is None else now)
+        claims: dict[str, Any] = {
+            "aud": EK_AUDIENCE,
+            "sub": identity.client_id,
+            "tier": identity.tier,
+            "iat": issued_at,
+            "exp": issued_at + ttl,
+            "jti": secrets.token_urlsafe(16),
+        }
+        if model is not None:
+            claims["model"] = model
+        token = jwt.encode(claims, self._ek_key, algorithm="HS256")
+        return MINTED_PREFIX + token, issued_at + ttl
 
     def _verify_minted(self, token: str) -> Identity:
-        payload, _, mac = token[len(MINTED_PREFIX) :].partition(".")
         try:
-            # compare_digest on str needs ASCII; a non-ASCII token is forged anyway.
-            valid = hmac.compare_digest(self._mac(payload), mac)
-        except (TypeError, UnicodeEncodeError):
-            valid = False
-        if not valid:
-            raise UnauthorizedError("invalid token")
-        try:
-            claims: Any = json.loads(_b64decode(payload))
-            tier, client_id, expires_at = claims["t"], claims["c"], claims["e"]
-        except (ValueError, binascii.Error, KeyError, TypeError):
+            claims = jwt.decode(
+                token[len(MINTED_PREFIX) :],
+                self._ek_key,
+                algorithms=["HS256"],
+                audience=EK_AUDIENCE,
+                leeway=_EK_LEEWAY_SECONDS,
+                options={"require": _EK_CLAIMS, "strict_aud": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise UnauthorizedError("the token has expired") from None
+        except jwt.PyJWTError:
             raise UnauthorizedError("invalid token") from None
-        if not isinstance(client_id, str) or not isinstance(expires_at, int):
+        client_id, model = claims["sub"], claims.get("model")
+        if not client_id or not (model is None or (isinstance(model, str) and model)):
             raise UnauthorizedError("invalid token")
-        if expires_at <= time.time():
-            raise UnauthorizedError("the token has expired")
-        return Identity(self._known_tier(tier), client_id, CredentialKind.MINTED)
+        tier = self._known_tier(claims["tier"])
+        return Identity(tier, client_id, CredentialKind.MINTED, model)
 
     # JWTs
 

@@ -3,8 +3,9 @@
 An app's backend holds the client key and hands its browser a token instead, as OpenAI's own
 endpoint does (REALTIME.md; the response keeps OpenAI's GA shape, so SDKs that want an ephemeral
 key accept it). The token is bound to the key's tier and client id, so sessions opened with it
-count against that client's caps. Only a client key may mint: not a token (no chaining past the
-TTL) and not a JWT (its own expiry would not bound the token's).
+count against that client's caps, and to the session model when the request names one, so a
+browser cannot spend it on another model. Only a client key may mint: not a token (no chaining
+past the TTL) and not a JWT (its own expiry would not bound the token's).
 """
 
 from __future__ import annotations
@@ -14,9 +15,15 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
-from app.auth import Authenticator, CredentialKind, bearer_token
+from app.auth import (
+    MAX_TOKEN_TTL_SECONDS,
+    MIN_TOKEN_TTL_SECONDS,
+    Authenticator,
+    CredentialKind,
+    bearer_token,
+)
 from app.config import Settings
 from app.errors import ModelNotAllowedError, RelayError, UnauthorizedError
 
@@ -28,7 +35,8 @@ class _ExpiresAfter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     anchor: Literal["created_at"] = "created_at"
-    seconds: int = Field(gt=0)
+    # Range-checked in the route, to answer with OpenAI's codes rather than pydantic's.
+    seconds: StrictInt | None = None
 
 
 class _Session(BaseModel):
@@ -45,14 +53,16 @@ class _Request(BaseModel):
     session: _Session | None = None
 
 
-def _error(status: int, exc: RelayError | None, message: str = "", code: str = "") -> JSONResponse:
+def _error(
+    status: int, exc: RelayError | None, message: str = "", code: str = "", param: str | None = None
+) -> JSONResponse:
     """An OpenAI-shaped error body (`{"error": {...}}`)."""
     body = {
         "error": {
             "type": "invalid_request_error",
             "code": exc.code if exc is not None else code,
             "message": exc.message if exc is not None else message,
-            "param": exc.param if exc is not None else None,
+            "param": exc.param if exc is not None else param,
         }
     }
     headers = dict(_NO_STORE)
@@ -61,17 +71,37 @@ def _error(status: int, exc: RelayError | None, message: str = "", code: str = "
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _ttl_error(seconds: int) -> JSONResponse | None:
+    """OpenAI's 400 for an `expires_after.seconds` outside 10-7200, else None."""
+    param = "expires_after.seconds"
+    if seconds < MIN_TOKEN_TTL_SECONDS:
+        message = f"integer below minimum value. Expected a value >= {MIN_TOKEN_TTL_SECONDS}"
+        code = "integer_below_min_value"
+    elif seconds > MAX_TOKEN_TTL_SECONDS:
+        message = f"integer above maximum value. Expected a value <= {MAX_TOKEN_TTL_SECONDS}"
+        code = "integer_above_max_value"
+    else:
+        return None
+    return _error(
+        400, None, f"Invalid {param!r}: {message}, but got {seconds} instead.", code, param
+    )
+
+
 def client_secrets_router(auth: Authenticator, settings: Settings) -> APIRouter:
     """The router serving ``POST /v1/realtime/client_secrets``.
 
     Request: ``Authorization: Bearer <client key>`` and an optional JSON body
-    ``{"expires_after": {"anchor": "created_at", "seconds": N}, "session": {"model": M}}``; N is
-    clamped to `RELAY_TOKEN_TTL_SECONDS` and M must be one of the tier's models.
+    ``{"expires_after": {"anchor": "created_at", "seconds": N}, "session": {"type": "realtime",
+    "model": M}}``. N must be 10-7200, as OpenAI's, and is capped at (and defaults to)
+    `RELAY_TOKEN_TTL_SECONDS`. M must be one of the tier's models; the token is then good for M
+    only (a session opened with it uses M, and asking for another is `model_not_allowed`).
+    Without M the token is good for any of the tier's models.
 
     Response 200: ``{"value": "ek_...", "expires_at": <unix s>, "session": {"type": "realtime",
-    "model": <M or the tier's default model>}}``. 401 for a missing or unknown key, 400 for a
-    malformed body or a model the tier may not use; errors have OpenAI's ``{"error": {...}}``
-    shape.
+    "model": <M or the tier's default model>}}``. 401 for a missing or unknown key; 400 for a
+    malformed body (``invalid``), an N out of range (``integer_below_min_value`` or
+    ``integer_above_max_value``, param ``expires_after.seconds``, as OpenAI's) or a model the
+    tier may not use (``model_not_allowed``); errors have OpenAI's ``{"error": {...}}`` shape.
     """
     router = APIRouter()
 
@@ -91,13 +121,16 @@ def client_secrets_router(auth: Authenticator, settings: Settings) -> APIRouter:
             body = _Request.model_validate(json.loads(raw)) if raw.strip() else _Request()
         except (ValueError, ValidationError):
             return _error(400, None, "the body is not a valid client_secrets request", "invalid")
+        ttl = body.expires_after.seconds if body.expires_after else None
+        if ttl is not None and (refusal := _ttl_error(ttl)) is not None:
+            return refusal
         models = settings.tier_models(identity.tier)
-        model = body.session.model if body.session and body.session.model else models[0]
+        bound = body.session.model if body.session and body.session.model else None
+        model = bound or models[0]
         if model not in models:
             error = ModelNotAllowedError(f"model {model[:64]!r} is not available to this client")
             return _error(400, error)
-        ttl = body.expires_after.seconds if body.expires_after else None
-        value, expires_at = auth.mint(identity, ttl)
+        value, expires_at = auth.mint(identity, ttl, model=bound)
         result: dict[str, Any] = {
             "value": value,
             "expires_at": expires_at,

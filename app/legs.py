@@ -81,7 +81,9 @@ class ClientLeg(Protocol):
     """The client's socket as the data plane uses it.
 
     `attach` delivers the messages that arrived before it, in order, then every later one.
-    `send_*` write at once and raise `ClientGoneError` once the client is gone; `finish` sends
+    `send_*` write at once and raise `ClientGoneError` once the client is gone; `reply_text`
+    sends what a client frame caused (an `error` event), and stops reading the client while
+    such replies wait unread past the leg's bound; `finish` sends
     whatever a leg still holds (only `AsgiLeg` holds anything) before the session closes, and
     `abort_after` bounds how long a closed connection may wait for a client that stopped
     reading (only the direct leg can: under ASGI, the server owns the socket).
@@ -90,6 +92,7 @@ class ClientLeg(Protocol):
     def attach(self, sink: ClientSink) -> None: ...
     def send_text(self, text: str) -> None: ...
     def send_bytes(self, data: bytes) -> None: ...
+    def reply_text(self, text: str) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     async def finish(self) -> None: ...
@@ -143,9 +146,11 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
     uvicorn versions the tests ran against.
 
     Reading stops, between two frames, while the relay's flow control asks (the upstream is not
-    reading) and while this socket's own write buffer is over its high-water mark: whatever a
-    client's frames make the relay write (`error` events, pongs) then waits for the client to
-    read, instead of piling up in memory.
+    reading), and once a client frame makes the relay reply (an `error` event, a pong) while
+    this socket's write buffer is over its high-water mark: the replies then wait for the client
+    to read instead of piling up in memory. A client that only sends audio while it does not
+    read is still read (its audio goes upstream; the upstream pushes back as nginx would), so a
+    client that uploads before it reads cannot stall.
     """
 
     max_fragments: ClassVar[int] = 1024  # `configured` sets the relay's setting
@@ -163,7 +168,7 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         self.sink: ClientSink | None = None
         self._paused_by_relay = False  # the relay's flow control
         self._write_blocked = False  # this socket's write buffer is over its high-water mark
-        self._reading = True
+        self._reply_blocked = False  # and a client frame made the relay reply meanwhile
         self._reader: ClientFrameReader | None = None  # from the opening of the connection
         self._abort: asyncio.TimerHandle | None = None
 
@@ -180,7 +185,7 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
                 max_size, self.max_fragments, self._message, self._control, self._hand_off
             )
             reader.handed_off = bool(self.conn.reader.buffer)
-            reader.paused = not self._reading
+            reader.paused = not self._may_read()
         if reader.handed_off:
             super().data_received(data)
             return
@@ -212,13 +217,14 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         self.curr_msg_data_type = "text" if opcode == TEXT else "bytes"
         self.frames = [payload]
         super().send_receive_event_to_app()
-        if self.read_paused and self._reader is not None:  # uvicorn's one message at a time
-            self._reader.paused = True
+        if self.read_paused:  # uvicorn's one message at a time, until the app receives
+            self._sync_reading()
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == PING:
             if self.conn.state is State.OPEN:
                 self.transport.write(server_frame(PONG, payload))  # the pong (§5.5.2)
+                self._replied()
         else:
             self.handle_pong(Frame(Opcode.PONG, payload))
 
@@ -240,12 +246,17 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
             sink.client_write_paused(True)
         while not self.queue.empty():  # what arrived while the session was being set up
             _deliver(cast(Message, self.queue.get_nowait()), sink)
-        if self.read_paused:  # uvicorn's pause, one message at a time, ends here
-            self.read_paused = False
-            if self._reading:
-                self.transport.resume_reading()
-        if self._reading and self._reader is not None and self._reader.paused:
-            self._reader.resume()
+        self.read_paused = False  # uvicorn's pause, one message at a time, ends here
+        self._sync_reading()
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        self._sync_reading()  # uvicorn may have resumed reading the socket
+        return message
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        self._sync_reading()  # a close resumes reading the socket, for the close handshake
 
     def send_receive_event_to_app(self) -> None:
         """A message websockets parsed (after a hand-off) goes the way the reader's do."""
@@ -267,6 +278,10 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
             raise ClientGoneError
         self.transport.write(server_frame(BINARY, data))
 
+    def reply_text(self, text: str) -> None:
+        self.send_text(text)
+        self._replied()
+
     async def finish(self) -> None:
         pass  # every send was written at once
 
@@ -277,42 +292,57 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         read never lets happen: its socket and buffer would be held for good.
         """
         if self._abort is None and not self.disconnected:
-            self._abort = self.loop.call_later(seconds, self.transport.abort)
+            # Never before uvicorn's own close timer, so a slow but reading client gets its close.
+            delay = max(seconds, self.close_timeout + 1.0)
+            self._abort = self.loop.call_later(delay, self.transport.abort)
 
-    # -- reading, paused by the relay's flow control and by this socket's own write buffer
+    # -- reading, paused by the relay's flow control and by replies the client does not read
+
+    def _may_read(self) -> bool:
+        return not (self._paused_by_relay or self._reply_blocked or self.read_paused)
+
+    def _replied(self) -> None:
+        """A client frame made the relay reply: past the high-water mark, stop reading."""
+        if self._write_blocked and not self._reply_blocked:
+            self._reply_blocked = True
+            self._sync_reading()
 
     def _update_reading(self) -> None:
-        reading = not (self._paused_by_relay or self._write_blocked)
-        if reading == self._reading:
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        """Read the socket, and parse what waits, only while nothing says stop: the relay's
+        flow control, replies the client has not read, or uvicorn's one message at a time
+        (before `attach`). uvicorn pauses and resumes the socket itself too, so each change
+        of any of them lands here; the transport's pause and resume are idempotent."""
+        transport = self.transport
+        if transport.is_closing():
             return
-        self._reading = reading
         reader = self._reader
-        if not reading:
+        if not self._may_read():
             if reader is not None:
                 reader.paused = True  # stops before the next frame of the data in hand
-            if not self.read_paused:
-                self.transport.pause_reading()
+            transport.pause_reading()
             return
-        if self.transport.is_closing():
-            return
-        if not self.read_paused:
-            self.transport.resume_reading()
-            if reader is not None and reader.paused:
+        transport.resume_reading()
+        if reader is not None and reader.paused and not reader.handed_off:
+            try:
                 reader.resume()
+            except FrameError as exc:
+                self._fail(exc.code, exc.reason)
 
     def pause_writing(self) -> None:
         super().pause_writing()
         self._write_blocked = True
-        self._update_reading()
         if self.sink is not None:
             self.sink.client_write_paused(True)
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self._write_blocked = False
+        self._write_blocked = self._reply_blocked = False
         if self.sink is not None:  # first, so a pause that resuming causes is the last word
             self.sink.client_write_paused(False)
-        self._update_reading()
+        self._sync_reading()
 
     # -- the end
 
@@ -328,6 +358,11 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
             return
         self.pong_timer = None
         self.pending_ping_payload = None
+        if self._paused_by_relay and not self._reply_blocked:
+            # The relay stopped reading the client because the upstream is not reading: the
+            # pong may be waiting unread. Not the client's fault; ping again later.
+            self.schedule_ping()
+            return
         sink.client_timed_out()
 
     def handle_close(self, event: Frame) -> None:
@@ -357,9 +392,9 @@ class AsgiLeg(_ClientReadPause):
     """The client leg over ASGI `receive`/`send`: works under any ASGI server.
 
     A reader task feeds the sink; sends go to an outbox that a writer task drains. While the
-    outbox holds more than `high` messages, the sink pauses the upstream and the reader stops
-    taking the client's messages (whatever they would make the relay send waits too), so the
-    outbox stays near `high`. Pings, fragments and keepalive are the server's here.
+    outbox holds more than `high` messages, the sink pauses the upstream, and once a reply
+    (`reply_text`) joins the outbox meanwhile, the reader stops taking the client's messages,
+    so the outbox stays near `high`. Pings, fragments and keepalive are the server's here.
     """
 
     def __init__(
@@ -377,6 +412,7 @@ class AsgiLeg(_ClientReadPause):
         self._sink: ClientSink | None = None
         self._paused_by_relay = False
         self._write_paused = False
+        self._reply_blocked = False
         self._gone = False
         self._finishing = False
         self._reader: asyncio.Task[None] | None = None
@@ -407,7 +443,7 @@ class AsgiLeg(_ClientReadPause):
                     sink.client_closed()
                     return
                 if self._write_paused and len(outbox) <= self._low:
-                    self._write_paused = False
+                    self._write_paused = self._reply_blocked = False
                     sink.client_write_paused(False)
                     self._update_reading()
             if self._finishing:
@@ -421,11 +457,10 @@ class AsgiLeg(_ClientReadPause):
         self._ready.set()
         if not self._write_paused and len(self._outbox) > self._high and self._sink is not None:
             self._write_paused = True
-            self._update_reading()
             self._sink.client_write_paused(True)
 
     def _update_reading(self) -> None:
-        if self._paused_by_relay or self._write_paused:
+        if self._paused_by_relay or self._reply_blocked:
             self._reading.clear()
         else:
             self._reading.set()
@@ -435,6 +470,12 @@ class AsgiLeg(_ClientReadPause):
 
     def send_bytes(self, data: bytes) -> None:
         self._queue({"type": "websocket.send", "bytes": data})
+
+    def reply_text(self, text: str) -> None:
+        self.send_text(text)
+        if self._write_paused and not self._reply_blocked:
+            self._reply_blocked = True
+            self._update_reading()
 
     async def finish(self) -> None:
         """Stop reading, let the writer send what it holds, and end both tasks.
@@ -458,16 +499,32 @@ class AsgiLeg(_ClientReadPause):
 
 
 class _Inbox:
-    """Holds upstream messages until the data plane attaches (the session's start reads it)."""
+    """Holds upstream messages until the data plane attaches (the session's start reads it).
 
-    def __init__(self) -> None:
+    Past `limit` messages (`RELAY_UPSTREAM__MAX_QUEUE`) the connection stops reading until the
+    session takes one.
+    """
+
+    def __init__(self, connection: UpstreamConnection, limit: int) -> None:
         self.messages: asyncio.Queue[tuple[Opcode, bytes] | None] = asyncio.Queue()
+        self._connection, self._limit = connection, limit
+
+    def _put(self, message: tuple[Opcode, bytes]) -> None:
+        self.messages.put_nowait(message)
+        if self.messages.qsize() >= self._limit:
+            self._connection.pause_reading()
+
+    async def get(self) -> tuple[Opcode, bytes] | None:
+        message = await self.messages.get()
+        if self.messages.qsize() < self._limit:
+            self._connection.resume_reading()
+        return message
 
     def upstream_text(self, data: bytes) -> None:
-        self.messages.put_nowait((Opcode.TEXT, data))
+        self._put((Opcode.TEXT, data))
 
     def upstream_binary(self, data: bytes) -> None:
-        self.messages.put_nowait((Opcode.BINARY, data))
+        self._put((Opcode.BINARY, data))
 
     def upstream_closed(self) -> None:
         self.messages.put_nowait(None)
@@ -495,20 +552,22 @@ class UpstreamConnection(_RelayReadPause, ClientConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._inbox = _Inbox()
+        self._paused_by_relay = False
+        limit = self.max_queue[0]
+        self._inbox = _Inbox(self, limit if limit is not None else 16)
         self._sink: UpstreamSink = self._inbox
         self._fragments: list[bytes] = []
         self._fragmented: Opcode | None = None
-        self._paused_by_relay = False
 
     async def next_message(self) -> tuple[Opcode, bytes] | None:
         """The next message before `attach`: (TEXT or BINARY, payload), or None once closed."""
-        return await self._inbox.messages.get()
+        return await self._inbox.get()
 
     def attach(self, sink: UpstreamSink) -> None:
         self._sink = sink
         if self.paused:  # its write buffer was already over the high-water mark
             sink.upstream_write_paused(True)
+        self.resume_reading()  # the inbox's pause ends; the sink's flow control takes over
         self._inbox.replay(sink)
 
     def process_event(self, event: Any) -> None:

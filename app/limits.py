@@ -302,7 +302,9 @@ for i, key in ipairs(KEYS) do
     if excess > 0 then
         local newer = 0
         for _, other in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-            if other > member then
+            -- A member without the admission stamp (written by a relay before stamps) counts
+            -- as the oldest: it must not make stamped sessions give up in its place.
+            if other > member and string.find(other, '^%d%d%d%d%d%d%d%d%d%d%d%d%d:') then
                 newer = newer + 1
                 if newer >= excess then
                     break

@@ -8,6 +8,7 @@ probes, and `/` the bundled page from `static/` (found next to the code, not the
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -214,10 +215,22 @@ class RelayServer(uvicorn.Server):
             self.should_exit = True
 
 
+@functools.cache
+def _note_portable_path() -> None:
+    """Say once that `uvicorn app.main:app` is not the relay's own server (uvicorn's CLI may
+    build the app twice)."""
+    logger.warning(
+        "served as an ASGI app (e.g. `uvicorn app.main:app`): sessions run on the portable path "
+        "(a task per message each way), with no SIGTERM drain; run `realtime-relay` for the "
+        "direct path, the drain and the relay's connection bounds"
+    )
+
+
 def __getattr__(name: str) -> Any:
     """`app` is built on first access, so importing this module reads no environment."""
     if name == "app":
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
+        _note_portable_path()
         return create_app(settings)
     raise AttributeError(name)

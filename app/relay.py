@@ -183,6 +183,7 @@ class RelaySession:
         self.client_open = False
         self.upstream: UpstreamConnection | None = None
         self.leg: ClientLeg | None = None  # set while the data plane runs
+        self.pipe: _Pipe | None = None
         self.stopping = asyncio.Event()  # set by a drain: end the session with 1012
         self._event_ids = itertools.count(1)
 
@@ -238,7 +239,9 @@ class RelaySession:
         allowed = self.relay.settings.tier_models(identity.tier)
         if "call_id" in query or "intent" in query:
             raise UnsupportedClientError("the relay opens conversation sessions only (?model=)")
-        requested: str = query.get("model", [allowed[0]])[0]
+        requested: str = query.get("model", [identity.model or allowed[0]])[0]
+        if identity.model is not None and requested != identity.model:
+            raise ModelNotAllowedError(f"this token is for model {identity.model[:64]!r} only")
         if requested not in allowed:
             raise ModelNotAllowedError(f"model {requested[:64]!r} is not available to this client")
         return requested
@@ -276,7 +279,7 @@ class RelaySession:
             # Inject the server's session before any client event is read: client frames wait in
             # the server's bounded receive queue meanwhile, in order (REALTIME.md §12.1).
             await self._start_session(upstream, policy, meter)
-            pipe = _Pipe(self, self._client_leg(), upstream, policy, meter, audio)
+            pipe = self.pipe = _Pipe(self, self._client_leg(), upstream, policy, meter, audio)
             async with asyncio.TaskGroup() as group:
                 group.create_task(pipe.run())
                 group.create_task(self._watch(relay.settings.tiers[identity.tier], meter))
@@ -472,6 +475,7 @@ class _Pipe:
         self._next_packet: asyncio.TimerHandle | None = None
         self._client_write_paused = False
         self._bad_delta_logged = False
+        self.max_queue = session.relay.settings.upstream.max_queue
 
     async def run(self) -> None:
         self.upstream.attach(self)
@@ -491,7 +495,7 @@ class _Pipe:
 
     def _error(self, exc: RelayError) -> None:
         """Tell the client about a refused event; the session goes on."""
-        self.client.send_text(self.session.error_text(exc))
+        self.client.reply_text(self.session.error_text(exc))
 
     # -- client -> upstream
 
@@ -544,13 +548,19 @@ class _Pipe:
 
     def client_write_paused(self, paused: bool) -> None:
         self._client_write_paused = paused
+        self._sync_upstream_reading()
+        if not paused:
+            self._pace_after(0.0)
+
+    def _sync_upstream_reading(self) -> None:
+        """Read the upstream only while the client keeps up and the paced-audio backlog is
+        under `RELAY_UPSTREAM__MAX_QUEUE` messages."""
         if self.ended.done():  # `run` has resumed both sockets for the close handshakes
             return
-        if paused:
+        if self._client_write_paused or len(self._backlog) >= self.max_queue:
             self.upstream.pause_reading()
         else:
             self.upstream.resume_reading()
-            self._pace_after(0.0)
 
     # -- upstream -> client
 
@@ -559,6 +569,8 @@ class _Pipe:
             return
         if self._frames is not None:  # behind the audio frames of an earlier delta
             self._backlog.append(data)
+            if len(self._backlog) >= self.max_queue:
+                self.upstream.pause_reading()
             return
         start = time.perf_counter()
         try:
@@ -632,6 +644,7 @@ class _Pipe:
                     self.upstream_closed()
                 else:
                     self.upstream_text(data)
+            self._sync_upstream_reading()
         except Exception as exc:
             self._failed(exc)
 
@@ -647,8 +660,12 @@ class _Pipe:
         if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             self._end(_Ended("completed", code))
         elif sent is not None and sent.code == CloseCode.INTERNAL and code == 1006:
-            # websockets' keepalive gave up (close 1011 sent, none received): a stalled upstream
-            self._end(UpstreamTimeoutError("the upstream stopped answering keepalive pings"))
+            # websockets' keepalive gave up (close 1011 sent, none received): a stalled upstream,
+            # unless the relay was not reading it because the client did not read.
+            if self._client_write_paused:
+                self._end(ClientTimeoutError("the client read too slowly to keep the session"))
+            else:
+                self._end(UpstreamTimeoutError("the upstream stopped answering keepalive pings"))
         elif code is None or code == 1006:  # no close frame: the socket was lost
             self._end(UpstreamClosedError("the upstream connection was lost"))
         else:

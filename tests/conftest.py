@@ -26,6 +26,13 @@ UPSTREAM_KEY = "sk-test-upstream-0123456789"
 START_TIMEOUT = 10.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use a private Redis are marked `redis`, so `-m "not redis"` skips them."""
+    for item in items:
+        if "redis_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

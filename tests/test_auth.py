@@ -1,45 +1,37 @@
-"""Client auth: keys, JWTs, minted `ek_` tokens, Origin, and the client_secrets endpoint (HTTP)."""
+"""Client auth: keys, JWTs, minted `ek_` tokens and Origin, with no sockets."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import anyio
-import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from fastapi import FastAPI
 
 from app.auth import (
     ANONYMOUS,
+    EK_AUDIENCE,
     Authenticator,
     CredentialKind,
     Identity,
     check_origin,
     credential_from,
 )
-from app.client_secrets import client_secrets_router
 from app.config import ConfigError, Settings
 from app.errors import OriginNotAllowedError, UnauthorizedError
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 
 KEY = "ck-test-pro-0123456789abcdef"
 FREE_KEY = "ck-test-free-0123456789abcdef"
 JWT_SECRET = "jwt-secret-for-tests-0123456789-abcdef"
 TOKEN_SECRET = "token-secret-for-tests-0123456789-abcdef"
 TIERS = {"pro": {"models": ["gpt-realtime", "gpt-realtime-mini"]}, "free": {}, "default": {}}
-START_TIMEOUT = 10.0
 
 
 def settings(**overrides: Any) -> Settings:
@@ -223,32 +215,117 @@ def test_minted_token_authenticates_as_its_client(auth: Authenticator) -> None:
     assert replica.authenticate(token) == Identity("pro", owner.client_id, CredentialKind.MINTED)
 
 
-async def test_minted_token_expires(auth: Authenticator) -> None:
-    """A minted token is refused as expired once its lifetime has passed."""
-    token, expires_at = auth.mint(auth.authenticate(KEY), ttl_seconds=1)
-    assert auth.authenticate(token).tier == "pro"
-    await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.05)
-    with pytest.raises(UnauthorizedError, match="expired"):
-        auth.authenticate(token)
+def test_minted_token_is_a_jws_with_its_own_audience(auth: Authenticator) -> None:
+    """An `ek_` token is `ek_` + an HS256 JWS whose claims name the client, tier, lifetime, an id
+    and the ek audience, and no model unless it was minted for one."""
+    owner = auth.authenticate(KEY)
+    token, expires_at = auth.mint(owner, 60)
+    assert jwt.get_unverified_header(token[3:])["alg"] == "HS256"
+    body = jwt.decode(token[3:], options={"verify_signature": False})
+    assert body["aud"] == EK_AUDIENCE
+    assert (body["sub"], body["tier"], body["exp"]) == (owner.client_id, "pro", expires_at)
+    assert body["exp"] - body["iat"] == 60
+    again = jwt.decode(auth.mint(owner, 60)[0][3:], options={"verify_signature": False})
+    assert body["jti"] != again["jti"]
+    assert "model" not in body
+
+
+def test_minted_token_carries_its_model(auth: Authenticator) -> None:
+    """A token minted for a model authenticates to an identity bound to that model."""
+    token, _ = auth.mint(auth.authenticate(KEY), model="gpt-realtime-mini")
+    identity = auth.authenticate(token)
+    assert (identity.kind, identity.model) == (CredentialKind.MINTED, "gpt-realtime-mini")
+    assert auth.authenticate(auth.mint(auth.authenticate(KEY))[0]).model is None
+
+
+def test_mint_lifetime_is_openais_range_capped_by_the_setting(auth: Authenticator) -> None:
+    """`mint` takes 10-7200 s, as OpenAI does, capped at `token_ttl_seconds`."""
+    owner = auth.authenticate(KEY)
+    now = time.time()
+    assert auth.mint(owner, 10, now=now)[1] == int(now) + 10
+    assert auth.mint(owner, 7200, now=now)[1] == int(now) + 600
+    long_lived = Authenticator(settings(token_ttl_seconds=7200))
+    assert long_lived.mint(owner, 7200, now=now)[1] == int(now) + 7200
+    for ttl in (0, 9, 7201):
+        with pytest.raises(ValueError, match="10-7200"):
+            auth.mint(owner, ttl)
+
+
+def test_minted_token_expires(auth: Authenticator) -> None:
+    """A minted token is refused as expired once its lifetime (and a few seconds' leeway) has
+    passed, and accepted within it."""
+    owner = auth.authenticate(KEY)
+    expired, _ = auth.mint(owner, 10, now=time.time() - 40)
+    with pytest.raises(UnauthorizedError, match="expired") as refused:
+        auth.authenticate(expired)
+    assert refused.value.code == "unauthorized"
+    fresh, _ = auth.mint(owner, 10, now=time.time() - 8)
+    assert auth.authenticate(fresh).tier == "pro"
 
 
 def test_tampered_minted_token_is_refused(auth: Authenticator) -> None:
-    """Changing a minted token's payload or signature makes it invalid."""
+    """Changing a minted token's claims, header or signature, or signing it with the raw token
+    secret instead of the derived key, makes it invalid."""
     token, _ = auth.mint(auth.authenticate(FREE_KEY))
-    payload, mac = token[3:].split(".")
+    header, payload, signature = token[3:].split(".")
     claims_ = json.loads(jwt.utils.base64url_decode(payload))
-    claims_["t"] = "pro"
-    upgraded = jwt.utils.base64url_encode(json.dumps(claims_).encode()).decode()
-    flipped = mac[:-2] + ("AA" if mac[-2:] != "AA" else "BB")
+
+    def segment(value: dict[str, Any]) -> str:
+        return jwt.utils.base64url_encode(json.dumps(value).encode()).decode()
+
+    middle = len(signature) // 2
+    flipped = (
+        signature[:middle] + ("A" if signature[middle] != "A" else "B") + signature[middle + 1 :]
+    )
+    unsigned = jwt.encode(claims_, "", algorithm="none")
     for forged in (
-        f"ek_{upgraded}.{mac}",
-        f"ek_{payload}.{flipped}",
-        f"ek_{payload}",
+        f"ek_{header}.{segment({**claims_, 'tier': 'pro'})}.{signature}",
+        f"ek_{header}.{segment({**claims_, 'model': 'gpt-realtime'})}.{signature}",
+        f"ek_{header}.{payload}.{flipped}",
+        f"ek_{header}.{payload}",
+        f"ek_{unsigned}",
+        "ek_" + jwt.encode(claims_, TOKEN_SECRET, algorithm="HS256"),
         "ek_",
         "ek_é.é",
     ):
-        with pytest.raises(UnauthorizedError, match="invalid token"):
+        with pytest.raises(UnauthorizedError, match="invalid token") as refused:
             auth.authenticate(forged)
+        assert refused.value.code == "unauthorized"
+
+
+def test_minted_token_missing_a_claim_is_refused(auth: Authenticator) -> None:
+    """A token signed with the right key but missing a required claim, carrying another
+    audience or a non-string model, is refused."""
+    token, _ = auth.mint(auth.authenticate(KEY), model="gpt-realtime")
+    good = jwt.decode(token[3:], options={"verify_signature": False})
+    key = auth._ek_key  # the derived key, to sign what a buggy minter might have signed
+    variants = [{k: v for k, v in good.items() if k != claim} for claim in good if claim != "model"]
+    variants += [{**good, "aud": "other"}, {**good, "model": 7}, {**good, "sub": ""}]
+    for variant in variants:
+        with pytest.raises(UnauthorizedError, match="invalid token"):
+            auth.authenticate("ek_" + jwt.encode(variant, key, algorithm="HS256"))
+
+
+def test_app_jwt_and_ek_token_never_pass_as_each_other() -> None:
+    """With one secret configured for both app JWTs and ek_ tokens, an app JWT given the ek_
+    prefix, and an ek_ token's JWS without it, are refused with `unauthorized`, even when the
+    app JWT claims the ek audience or the JWT settings expect it."""
+    auth = Authenticator(settings(token_secret=JWT_SECRET, jwt={"secret": JWT_SECRET}))
+    minted, _ = auth.mint(auth.authenticate(KEY))
+    expecting_ek = Authenticator(
+        settings(token_secret=JWT_SECRET, jwt={"secret": JWT_SECRET, "audience": EK_AUDIENCE})
+    )
+    for verifier in (auth, expecting_ek):
+        for credential in (
+            "ek_" + hs256(claims()),
+            "ek_" + hs256(claims(aud=EK_AUDIENCE, iat=int(time.time()), jti="x")),
+            minted[3:],
+        ):
+            with pytest.raises(UnauthorizedError) as refused:
+                verifier.authenticate(credential)
+            assert refused.value.code == "unauthorized"
+    assert auth.authenticate(hs256(claims())).kind is CredentialKind.JWT
+    assert auth.authenticate(minted).kind is CredentialKind.MINTED
 
 
 def test_minted_token_with_another_secret_is_refused(auth: Authenticator) -> None:
@@ -352,104 +429,3 @@ def test_a_rebound_name_is_not_its_own_origin() -> None:
 def test_absent_origin_passes() -> None:
     """A request without Origin (not a browser) passes whatever the list says."""
     check_origin(headers(None), ["https://app.example"])
-
-
-# The client_secrets endpoint, served over real HTTP
-
-
-ServerFactory = Callable[[FastAPI], Awaitable[str]]
-
-
-@pytest.fixture
-async def http_server_factory() -> AsyncIterator[ServerFactory]:
-    """Serves ASGI apps under uvicorn on pre-bound loopback sockets; returns their base URLs and
-    stops them after the test."""
-    running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
-
-    async def start(app: FastAPI) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off")
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        running.append((server, task))
-        with anyio.fail_after(START_TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, task in reversed(running):
-        server.should_exit = True
-        with anyio.fail_after(START_TIMEOUT):
-            await task
-
-
-@pytest.fixture
-async def secrets_url(http_server_factory: ServerFactory) -> str:
-    config = settings()
-    app = FastAPI()
-    app.include_router(client_secrets_router(Authenticator(config), config))
-    return await http_server_factory(app) + "/v1/realtime/client_secrets"
-
-
-async def test_client_key_mints_a_token_for_its_tier(secrets_url: str) -> None:
-    """A good client key gets an `ek_` token, in OpenAI's shape, that authenticates to its tier."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.post(secrets_url, headers={"Authorization": f"Bearer {KEY}"})
-    assert response.status_code == 200
-    assert response.headers["cache-control"] == "no-store"
-    body = response.json()
-    assert body["session"] == {"type": "realtime", "model": "gpt-realtime"}
-    assert body["value"].startswith("ek_")
-    assert time.time() + 590 < body["expires_at"] <= time.time() + 600
-    auth = Authenticator(settings())
-    identity = auth.authenticate(body["value"])
-    assert (identity.tier, identity.client_id) == ("pro", auth.authenticate(KEY).client_id)
-
-
-async def test_bad_key_gets_401(secrets_url: str) -> None:
-    """An unknown, missing or non-key credential gets a 401 with an OpenAI-shaped error body."""
-    token, _ = Authenticator(settings()).mint(Identity("pro", "key:abc"))
-    async with httpx.AsyncClient(timeout=10) as client:
-        for headers_ in (
-            {"Authorization": "Bearer ck-nope"},
-            {},
-            {"Authorization": f"Bearer {token}"},
-        ):
-            response = await client.post(secrets_url, headers=headers_)
-            assert response.status_code == 401
-            assert response.json()["error"]["code"] == "unauthorized"
-            assert response.headers["www-authenticate"].startswith("Bearer")
-
-
-async def test_lifetime_and_model_requests(secrets_url: str) -> None:
-    """`expires_after` is honoured up to the configured TTL, a tier model may be chosen, and a
-    bad body or a model outside the tier gets a 400."""
-    auth = {"Authorization": f"Bearer {KEY}"}
-    async with httpx.AsyncClient(timeout=10) as client:
-        short = await client.post(
-            secrets_url,
-            headers=auth,
-            json={
-                "expires_after": {"anchor": "created_at", "seconds": 60},
-                "session": {"type": "realtime", "model": "gpt-realtime-mini"},
-            },
-        )
-        long = await client.post(
-            secrets_url, headers=auth, json={"expires_after": {"seconds": 7200}}
-        )
-        bad_model = await client.post(
-            secrets_url, headers=auth, json={"session": {"model": "gpt-5"}}
-        )
-        bad_body = await client.post(secrets_url, headers=auth, content=b"{not json")
-    assert short.status_code == 200
-    assert short.json()["expires_at"] <= time.time() + 60
-    assert short.json()["session"]["model"] == "gpt-realtime-mini"
-    assert long.json()["expires_at"] <= time.time() + 600
-    assert bad_model.status_code == 400
-    assert bad_model.json()["error"]["code"] == "model_not_allowed"
-    assert bad_body.status_code == 400

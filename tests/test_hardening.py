@@ -21,7 +21,7 @@ from websockets.frames import Frame, Opcode
 
 from tests.conftest import relay_settings
 from tests.test_legs import scripted_upstream
-from tests.test_relay import closed, eventually, recv_until, tone
+from tests.test_relay import closed, recv_until, tone
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -142,7 +142,7 @@ async def read_until_events(client: RawClient, event_type: str, count: int) -> i
 async def test_error_flood_from_a_client_that_does_not_read(
     relay_process_factory, upstream, portable
 ):
-    """Invalid frames from a client that reads nothing stop being read, and none is lost."""
+    """Invalid frames from a client that reads nothing stop being read, and each gets its error."""
     relay = await relay_process_factory(upstream.url, portable=portable)
     frame = Frame(Opcode.TEXT, b"x").serialize(mask=True)  # 7 bytes: an invalid_json each
     async with raw_client(relay.port) as client:
@@ -255,7 +255,7 @@ async def test_a_malformed_upstream_delta_is_skipped_with_opus_output(relay_fact
 
 
 async def test_a_client_that_stops_answering_pings_gets_client_timeout(relay_factory, upstream):
-    """A client that reads nothing is ended by keepalive with `client_timeout` and 1011."""
+    """A client that answers no keepalive ping is ended with `client_timeout` and 1011."""
     relay = await relay_factory(
         relay_settings(upstream.url), ws_ping_interval=0.5, ws_ping_timeout=0.5
     )
@@ -286,10 +286,11 @@ async def test_a_client_that_never_reads_is_dropped_after_the_close(relay_factor
     async with raw_client(relay.port) as client:
         await client.flood(frame * 4096, 8 * MiB, seconds=3)  # the relay's buffer to us fills
         # Expired after 1 s; the close cannot get through, so the relay drops the socket
-        # (2x the 2 s close timeout) and leaves no session behind.
-        await eventually(
-            lambda: not (relay.relay.sessions or relay.server.server_state.connections)
-        )
+        # (after uvicorn's 10 s close timer) and leaves no session behind.
+        async with asyncio.timeout(20):
+            # Polling: no event signals that both sets are empty.
+            while relay.relay.sessions or relay.server.server_state.connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
             async with asyncio.timeout(10):
                 while True:
@@ -315,3 +316,104 @@ async def test_a_stalled_upstream_ends_with_upstream_timeout(relay_factory):
             code, _ = await closed(ws)
     assert error["error"]["code"] == "upstream_timeout"
     assert code == 1014
+
+
+async def test_a_refusal_after_a_client_frame_closes_cleanly(relay_factory):
+    """A client that sent a frame before an upstream failure gets its close handshake through."""
+    silent = socket.socket()  # listens, never answers: the upstream handshake times out
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    url = f"ws://127.0.0.1:{silent.getsockname()[1]}/v1/realtime"
+    relay = await relay_factory(relay_settings(url, upstream={"connect_timeout_seconds": 1.0}))
+    try:
+        async with connect(relay.ws_url) as ws:
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))  # as SDKs do at once
+            error = await recv_until(ws, "error")
+            # The client's close reply is read, so the relay ends the TCP connection at once,
+            # long before either side's 10 s close timer (or the relay's abort, 4 s here).
+            async with asyncio.timeout(3):
+                code, _ = await closed(ws)
+                await ws.wait_closed()
+    finally:
+        silent.close()
+    assert error["error"]["code"] == "upstream_unavailable"
+    assert code == 1014
+
+
+async def test_a_bad_frame_read_during_setup_closes_with_its_code(relay_factory, upstream):
+    """Frames held while the session starts are judged at attach: a protocol error is 1002."""
+    relay = await relay_factory(relay_settings(upstream.url))
+    async with raw_client(relay.port) as client:
+        client.writer.write(
+            Frame(Opcode.TEXT, b'{"type":"input_audio_buffer.clear"}').serialize(mask=True)
+            + Frame(Opcode.TEXT, b"[", fin=False).serialize(mask=True)
+            + Frame(Opcode.TEXT, b"[]").serialize(mask=True)  # a new message inside one
+        )
+        async with asyncio.timeout(10):
+            assert await client.close_code() == 1002
+
+
+async def test_a_client_that_uploads_before_it_reads_is_still_read(relay_factory):
+    """Audio from a client that does not read yet reaches the upstream; nothing stalls it."""
+    appends = 0
+
+    async def script(ws: ServerConnection) -> None:
+        nonlocal appends
+        delta = json.dumps({"type": "response.output_audio.delta", "delta": "A" * 64_000})
+
+        async def flood() -> None:  # far more than the client's and the relay's buffers
+            for _ in range(200):
+                await ws.send(delta)
+
+        sending = asyncio.create_task(flood())
+        try:
+            async for message in ws:
+                if json.loads(message)["type"] == "input_audio_buffer.append":
+                    appends += 1
+        finally:
+            sending.cancel()
+
+    async with scripted_upstream(script) as url:
+        relay = await relay_factory(relay_settings(url))
+        chunk = base64.b64encode(bytes(48_000)).decode()
+        append = json.dumps({"type": "input_audio_buffer.append", "audio": chunk})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", relay.port))
+        async with connect(relay.ws_url, sock=sock, max_queue=2) as ws:
+            async with asyncio.timeout(20):
+                for _ in range(100):  # 6.4 MB, sent before anything is read
+                    await ws.send(append)
+                while appends < 100:  # noqa: ASYNC110 - the upstream counts, nothing signals
+                    await asyncio.sleep(0.05)
+            # The client really read nothing meanwhile: the relay holds output for it.
+            (session,) = relay.relay.sessions
+            assert session.leg.transport.get_write_buffer_size() > 65536
+
+
+async def test_the_paced_audio_backlog_is_bounded(relay_factory):
+    """Upstream events behind paced Opus packets wait in a backlog of at most max_queue."""
+    pcm = base64.b64encode(tone(1000)).decode()  # 50 packets: 100 ms of pacing each
+    sent = 0
+
+    async def script(ws: ServerConnection) -> None:
+        nonlocal sent
+        delta = json.dumps({"type": "response.output_audio.delta", "delta": pcm})
+        for _ in range(300):
+            await ws.send(delta)
+            sent += 1
+        await ws.wait_closed()
+
+    async with scripted_upstream(script) as url:
+        relay = await relay_factory(relay_settings(url, upstream={"max_queue": 4}))
+        async with connect(f"{relay.ws_url}?output_codec=opus", max_queue=None) as ws:
+            await recv_until(ws, "session.updated")
+            (session,) = relay.relay.sessions
+            longest = 0
+            for _ in range(100):  # the client reads all along: only pacing holds events back
+                await asyncio.sleep(0.01)
+                longest = max(longest, len(session.pipe._backlog))
+            assert sent < 300  # the upstream was held back, not read into the relay's memory
+    # Pausing takes effect after the socket read in progress: its messages (at most 256 KiB
+    # of them, uvloop's read size) may still join the backlog.
+    assert 0 < longest <= 4 + 256 * 1024 // len(pcm) + 1

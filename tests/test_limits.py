@@ -401,6 +401,22 @@ async def test_empty_restart_over_the_cap_ends_the_newest(redis_server: RedisSer
         await limiter.aclose()
 
 
+async def test_unstamped_members_count_as_the_oldest(redis_server: RedisServer) -> None:
+    """A member written before admission stamps never makes a stamped lease outlive it."""
+    limiter = await redis_limiter(redis_server.url)
+    cap = Cap("tier:t", 1, "tier")
+    key = limiter.key(cap)
+    try:
+        lease = await limiter.acquire([cap])
+        # A bare token, as a relay of the previous version writes: "f..." sorts after "17...".
+        far = (await limiter.client.time())[0] * 1000 + 60_000
+        await limiter.client.zadd(key, {"f" * 32: far})
+        assert await limiter.renew(lease) == RenewalResult(Renewal.OVER_LIMIT, cap)
+        assert await limiter.client.zrange(key, 0, -1) == [b"f" * 32]
+    finally:
+        await limiter.aclose()
+
+
 async def test_empty_restart_under_the_cap_retakes_quietly(redis_server: RedisServer) -> None:
     """After an empty restart, renewals within the cap's limit retake their leases quietly."""
     limiter = await redis_limiter(redis_server.url)

@@ -22,7 +22,7 @@ from playwright.async_api import Page, async_playwright
 
 from tests.conftest import relay_settings
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.timeout(120)]
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -48,6 +48,11 @@ def speech_wav(path: Path, *parts: tuple[str, float], lead: float = 0.5) -> Path
     else:
         subprocess.run(["sox", *pieces, str(path)], check=True)
     return path
+
+
+def wav_seconds(path: Path) -> float:
+    with wave.open(str(path)) as source:
+        return source.getnframes() / source.getframerate()
 
 
 def pcm_at_24k(path: Path) -> np.ndarray:
@@ -119,7 +124,52 @@ def chromium_args(wav: Path) -> list[str]:
     ]
 
 
-async def open_page(playwright, wav: Path, profile: Path, url: str) -> Page:
+# Test hooks, run before the page's scripts: `window.sendLog` lists what the page sends on its
+# WebSocket (a binary audio frame as its size in bytes, an event as its type) with
+# "<speech_started" where that server event arrived, and the playback worklet's "flushed" reply
+# comes FLUSH_DELAY_MS late, as from a busy audio thread, so that anything the page sends while it
+# waits for it shows in the order.
+FLUSH_DELAY_MS = 200
+SEND_LOG = """(() => {
+    const log = (window.sendLog = []);
+    const send = WebSocket.prototype.send;
+    WebSocket.prototype.send = function (data) {
+        log.push(typeof data === "string" ? JSON.parse(data).type : data.byteLength);
+        return send.call(this, data);
+    };
+    window.WebSocket = class extends WebSocket {
+        constructor(...args) {
+            super(...args);
+            // Added before the page sets onmessage, so it runs before the page's handler.
+            this.addEventListener("message", (event) => {
+                if (typeof event.data !== "string") return;
+                const type = JSON.parse(event.data).type;
+                if (type === "input_audio_buffer.speech_started") log.push("<speech_started");
+            });
+        }
+    };
+    const onmessage = Object.getOwnPropertyDescriptor(MessagePort.prototype, "onmessage");
+    window.AudioWorkletNode = class extends AudioWorkletNode {
+        constructor(ctx, name, options) {
+            super(ctx, name, options);
+            if (name !== "playback") return;
+            const port = this.port;
+            const late = (handler) => (event) =>
+                event.data.type === "flushed"
+                    ? setTimeout(() => handler(event), FLUSH_DELAY_MS)
+                    : handler(event);
+            Object.defineProperty(port, "onmessage", {
+                get: () => onmessage.get.call(port),
+                set: (handler) => onmessage.set.call(port, handler && late(handler)),
+            });
+        }
+    };
+})();""".replace("FLUSH_DELAY_MS", str(FLUSH_DELAY_MS))
+
+
+async def open_page(
+    playwright, wav: Path, profile: Path, url: str, init_script: str | None = None
+) -> Page:
     browser = await playwright.chromium.launch_persistent_context(
         str(profile),
         executable_path=CHROMIUM,
@@ -127,6 +177,8 @@ async def open_page(playwright, wav: Path, profile: Path, url: str) -> Page:
         args=chromium_args(wav),
         viewport={"width": 820, "height": 1000},
     )
+    if init_script is not None:
+        await browser.add_init_script(init_script)
     page = browser.pages[0] if browser.pages else await browser.new_page()
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
@@ -234,6 +286,10 @@ async def test_conversation(tmp_path, upstream, relay_factory):
         assert page.errors == []  # type: ignore[attr-defined]
 
 
+def types(events: list[dict]) -> list[str]:
+    return [str(event["type"]) for event in events]
+
+
 async def test_barge_in(tmp_path, upstream_factory, relay_factory):
     """Speaking over the answer stops it and truncates the item to the milliseconds played."""
     upstream = await upstream_factory(realtime_pacing=True)
@@ -244,9 +300,12 @@ async def test_barge_in(tmp_path, upstream_factory, relay_factory):
         ("Stop, stop. That is enough, thank you.", 1.5),
     )
     async with async_playwright() as playwright:
-        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        url = relay.http_url + "/"
+        page = await open_page(playwright, wav, tmp_path / "profile", url, init_script=SEND_LOG)
         await page.get_by_role("button", name="Connect").click()
-        await page.locator(".turn.assistant.interrupted").wait_for()
+        spoken_until = asyncio.get_running_loop().time() + wav_seconds(wav)
+        interrupted = page.locator(".turn.assistant.interrupted")
+        await interrupted.wait_for()
         record = upstream.connections[0]
         truncate = await eventually(
             lambda: next(
@@ -270,6 +329,41 @@ async def test_barge_in(tmp_path, upstream_factory, relay_factory):
             ]
         )
         assert done[0]["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+        # It names the item that was playing: the first answer, which the page had started.
+        assert truncate["item_id"] == await interrupted.get_attribute("data-item")
+        assert truncate["item_id"] == next(
+            e["item"]["id"] for e in record.sent if e["type"] == "response.output_item.added"
+        )
+
+        # The truncate went out first: the page sent nothing between hearing the barge-in (the
+        # last speech_started before it) and the truncate, though the new speech kept coming
+        # while the player answered late (FLUSH_DELAY_MS).
+        log = await page.evaluate("window.sendLog")
+        sent_at = log.index("conversation.item.truncate")
+        barge_in = max(i for i, kind in enumerate(log[:sent_at]) if kind == "<speech_started")
+        assert sent_at == barge_in + 1, log[barge_in : barge_in + 5]
+        # And so it reached the upstream: the relay forwards the page's audio in order (frames
+        # merged into appends, resampled to 24 kHz), so the upstream had no more audio before
+        # the truncate than the page had sent (PCM16 frames after a type byte) before the barge-in.
+        frames = [kind for kind in log[:barge_in] if isinstance(kind, int)]
+        page_ms = sum(size - 1 for size in frames) / 2 / (await stats(page))["contextRate"] * 1000
+        at = types(record.events).index("conversation.item.truncate")
+        upstream_ms = sum(
+            len(base64.b64decode(e["audio"])) // 2
+            for e in record.events[:at]
+            if e["type"] == "input_audio_buffer.append"
+        ) / (RATE / 1000)
+        assert 0 < upstream_ms <= page_ms + 1
+        # The truncate named its item before the next item began: the upstream truncated it
+        # before it committed the new speech as the next user item.
+        committed = await eventually(
+            lambda: [
+                i
+                for i, kind in enumerate(record.sent_types())
+                if kind == "input_audio_buffer.committed"
+            ][1:]
+        )
+        assert record.sent_types().index("conversation.item.truncated") < committed[0]
 
         # Playback stopped at once and stays stopped: late audio of that item is dropped.
         played = (await stats(page))["items"][truncate["item_id"]]["playedSamples"]
@@ -277,6 +371,39 @@ async def test_barge_in(tmp_path, upstream_factory, relay_factory):
         await asyncio.sleep(0.5)
         assert (await stats(page))["items"][truncate["item_id"]]["playedSamples"] == played
         await eventually(lambda: "conversation.item.truncated" in record.sent_types())
+
+        # Typed input over an answer (a tone, 0.5 s per 20 characters, once the spoken turns are
+        # over): the truncate goes out before the new user item and its response.create, which
+        # the page sends at once, without waiting for the player.
+        await asyncio.sleep(max(0.0, spoken_until - asyncio.get_running_loop().time()))
+        await eventually(
+            lambda: (
+                (kinds := record.sent_types()).count("response.done")
+                == kinds.count("input_audio_buffer.committed")
+            )
+        )
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+        long = "Tell me everything about the sea, the ships and the sailors, from the very start."
+        await page.get_by_label("Message").fill(long)
+        await page.get_by_role("button", name="Send").click()
+        answer = page.locator(".turn.assistant", has_text=f"You said: {long}")
+        await answer.wait_for()
+        item_id = await answer.get_attribute("data-item")
+        script = "(id) => (window.relayStats.items[id]?.playedSamples ?? 0) > 0"
+        await page.wait_for_function(script, arg=item_id)
+        await page.get_by_label("Message").fill("That is enough, thanks.")
+        await page.get_by_role("button", name="Send").click()
+        await page.get_by_text("You said: That is enough, thanks.").wait_for()
+        client = types(record.events)
+        at = len(client) - 1 - client[::-1].index("conversation.item.truncate")
+        assert record.events[at]["item_id"] == item_id
+        assert [kind for kind in client[at:] if kind != "input_audio_buffer.append"] == [
+            "conversation.item.truncate",
+            "conversation.item.create",
+            "response.create",
+        ]
         assert not [e for e in record.sent if e["type"] == "error"]
         assert page.errors == []  # type: ignore[attr-defined]
 

@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import relay_settings
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.node, pytest.mark.timeout(120)]
 
 FIREFOX = os.environ.get("FIREFOX", "/usr/bin/firefox-esr")
 DRIVER_DIR = Path(__file__).resolve().parent / "firefox"

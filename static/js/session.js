@@ -12,6 +12,9 @@ const OUTPUT_RATE = 24000; // `relay_audio.samples` count 24 kHz samples (app/wi
 const MAX_EARLY_CHUNKS = 250; // 5 s of microphone kept while the socket opens
 const MIN_PTT_MS = 120; // the server refuses commits under 100 ms (REALTIME.md §3)
 const SERVER_VAD = { type: "server_vad" }; // if the relay's default is push-to-talk
+// The player answers a flush within a render quantum or two; a truncate waits at most this long
+// for it (sends queue behind the truncate meanwhile), then uses the last played count it reported.
+const FLUSH_TIMEOUT_MS = 500;
 
 export class Session {
   /**
@@ -32,6 +35,7 @@ export class Session {
     this.talking = false; // push-to-talk held
     this.talkMs = 0;
     this.early = []; // microphone chunks from before the socket opened
+    this.outbox = []; // sends queued behind a truncate still being measured: [{message, ready}]
     this.refusal = null; // the error event that explains a close
     this.lastError = null; // {code, message, at}: an error just before a close explains it
     this.activeResponse = null; // id (or "pending") of the response writing to the conversation
@@ -105,6 +109,7 @@ export class Session {
     if (this.closed) return;
     this.closed = true;
     this.live = false;
+    this.outbox = [];
     this.mic?.close();
     this.encoder?.close();
     this.player?.close();
@@ -126,15 +131,42 @@ export class Session {
     this.ui.closed(refused ? "refused" : "closed", reason, error?.code ?? null);
   }
 
+  // Every event and audio frame goes out through the outbox, in the order it was sent. An
+  // interruption reserves a place in it for its truncate (reserve()): what is sent after that
+  // (the new speech, a typed item, response.create) waits until the truncate has been measured.
+
   send(event) {
-    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(event));
+    this.output(JSON.stringify(event));
   }
 
   sendFrame(frame) {
+    this.output(frame);
+  }
+
+  output(message) {
+    if (this.outbox.length) this.outbox.push({ message, ready: true });
+    else this.transmit(message);
+  }
+
+  transmit(message) {
     if (this.ws?.readyState !== WebSocket.OPEN) return;
-    this.ws.send(frame);
+    this.ws.send(message);
+    if (typeof message === "string") return;
     this.stats.framesSent++;
-    this.stats.bytesSent += frame.byteLength;
+    this.stats.bytesSent += message.byteLength;
+  }
+
+  /** A place in the send order for a message known later; fill it with fill(message or null). */
+  reserve() {
+    const slot = { message: null, ready: false };
+    this.outbox.push(slot);
+    return (message) => {
+      Object.assign(slot, { message, ready: true });
+      while (this.outbox.length && this.outbox[0].ready) {
+        const next = this.outbox.shift().message;
+        if (next !== null) this.transmit(next);
+      }
+    };
   }
 
   // -- microphone -------------------------------------------------------------------------------
@@ -174,7 +206,7 @@ export class Session {
 
   press() {
     if (!this.live || this.mode !== "ptt" || this.talking) return;
-    this.interrupt(true);
+    this.interrupt(true); // not awaited: its truncate keeps its place in the send order
     this.send({ type: "input_audio_buffer.clear" });
     this.talking = true;
     this.talkMs = 0;
@@ -210,7 +242,7 @@ export class Session {
   }
 
   sendUserItem(content) {
-    this.interrupt(true);
+    this.interrupt(true); // not awaited: its truncate keeps its place in the send order
     this.send({ type: "conversation.item.create", item: { type: "message", role: "user", content } });
     this.requestResponse();
     this.turnEnd = performance.now();
@@ -233,31 +265,54 @@ export class Session {
    * Stop playback at once, drop the rest of the playing response and tell the server how much of
    * the item was heard. `cancel`: also cancel the response (push-to-talk and typed input; with
    * server VAD `interrupt_response` makes the server cancel it itself).
+   *
+   * Only the player knows how much was played, so the truncate is known a worklet round trip
+   * later; it is sent in the place it was reserved, before anything sent after this call (§12.4:
+   * the item it names must not be overtaken by the next turn). Callers need not await it.
    */
   async interrupt(cancel) {
     const response = this.activeResponse;
     if (response && response !== "pending") this.interrupted.add(response);
     if (cancel && response && response !== "pending") this.send({ type: "response.cancel" });
-    const flushed = await this.player.flush();
+    const fill = this.reserve();
+    let truncation = null;
+    try {
+      truncation = await this.truncation(response);
+    } finally {
+      fill(truncation && JSON.stringify(truncation.event)); // null releases the queue
+    }
+    if (!truncation) return;
+    const { event, playedMs, receivedMs } = truncation;
+    this.stats.truncates.push({ item_id: event.item_id, audio_end_ms: event.audio_end_ms, played_ms: playedMs, received_ms: receivedMs });
+    this.ui.interrupted(event.item_id);
+  }
+
+  /** Stop the player: {event, playedMs, receivedMs} to truncate what it played, or null. */
+  async truncation(response) {
+    let timer;
+    const late = new Promise((resolve) => {
+      timer = setTimeout(resolve, FLUSH_TIMEOUT_MS, { itemId: null, played: 0, buffered: 0 });
+    });
+    const flushed = await Promise.race([this.player.flush(), late]);
+    clearTimeout(timer);
     // The playing item, or the item still streaming when everything received was played.
     let itemId = flushed.itemId;
     let played = flushed.played;
     if (!itemId || flushed.buffered === 0) {
       const streaming = [...this.items].find(([, item]) => item.response === response);
-      if (!streaming) return; // nothing playing and nothing coming: nothing to truncate
+      if (!streaming) return null; // nothing playing and nothing coming: nothing to truncate
       itemId = streaming[0];
       played = (streaming[1].played * this.player.sourceRate) / OUTPUT_RATE;
     }
     const item = this.items.get(itemId);
-    if (!item || this.interrupted.has(itemId)) return;
+    if (!item || this.interrupted.has(itemId)) return null;
     this.interrupted.add(itemId);
     // Integer milliseconds actually played, never more than the audio received (§3).
     const playedMs = this.player.ms(played);
     const receivedMs = (item.received * 1000) / OUTPUT_RATE;
     const audioEndMs = Math.floor(Math.min(playedMs, receivedMs));
-    this.send({ type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: audioEndMs });
-    this.stats.truncates.push({ item_id: itemId, audio_end_ms: audioEndMs, played_ms: playedMs, received_ms: receivedMs });
-    this.ui.interrupted(itemId);
+    const event = { type: "conversation.item.truncate", item_id: itemId, content_index: 0, audio_end_ms: audioEndMs };
+    return { event, playedMs, receivedMs };
   }
 
   // -- events from the relay --------------------------------------------------------------------
@@ -353,6 +408,7 @@ Session.prototype.handlers = {
     this.ui.user(event.item_id, "", false);
     this.ui.state("user");
     // Barge-in. With `interrupt_response` (the default) the server cancels the response itself.
+    // Not awaited: the new speech's frames queue behind the truncate (see reserve()).
     const turnDetection = this.options.turn_detection || {};
     this.interrupt(turnDetection.interrupt_response === false);
   },
@@ -391,6 +447,7 @@ Session.prototype.handlers = {
     this.audioItem = event.item_id;
     if (this.interrupted.has(event.response_id) || this.interrupted.has(event.item_id)) {
       this.stats.droppedDeltas++; // late audio of an interrupted response (§12.4): dropped
+      this.audioItem = null; // with its frames, also before the item itself is marked interrupted
       return;
     }
     const item = this.assistantItem(event.item_id, event.response_id);
