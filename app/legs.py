@@ -394,7 +394,8 @@ class AsgiLeg(_ClientReadPause):
     A reader task feeds the sink; sends go to an outbox that a writer task drains. While the
     outbox holds more than `high` messages, the sink pauses the upstream, and once a reply
     (`reply_text`) joins the outbox meanwhile, the reader stops taking the client's messages,
-    so the outbox stays near `high`. Pings, fragments and keepalive are the server's here.
+    so the outbox stays near `high`. Pings, fragments and keepalive are the server's here
+    (`guard_uvicorn_protocol` bounds uvicorn's).
     """
 
     def __init__(
@@ -621,3 +622,53 @@ def __getattr__(name: str) -> Any:
 
         return DirectWebSocketProtocol.configured(load_settings().client_max_fragments)
     raise AttributeError(name)
+
+
+def guard_uvicorn_protocol(receive: Callable[..., Any], max_fragments: int) -> bool:
+    """Bound what uvicorn's own sans-I/O protocol does without the app, when it serves `/ws`.
+
+    Under `uvicorn app.main:app` the client leg is ASGI (`AsgiLeg`), and uvicorn's protocol
+    answers pings and joins fragments by itself: a client that sends pings without reading
+    would have pongs pile up, and empty fragments would pile up in a list. The ASGI `receive`
+    it hands the app is a method of that protocol, so this reaches it: past the write buffer's
+    high-water mark a ping stops reading until the buffer drains, and a message in more than
+    `max_fragments` frames closes with 1009. Internals of uvicorn 0.54, like the rest of this
+    module; any other protocol is left alone.
+
+    Returns:
+        True when the protocol was guarded.
+    """
+    protocol = getattr(receive, "__self__", None)
+    if type(protocol) is not WebSocketsSansIOProtocol:
+        return False
+    handle_ping, handle_cont = protocol.handle_ping, protocol.handle_cont
+    resume_writing = protocol.resume_writing
+    pinged_past_mark = False
+
+    def guarded_ping() -> None:
+        nonlocal pinged_past_mark
+        handle_ping()
+        if not protocol.writable.is_set() and not protocol.transport.is_closing():
+            pinged_past_mark = True
+            protocol.transport.pause_reading()
+
+    def guarded_resume_writing() -> None:
+        nonlocal pinged_past_mark
+        resume_writing()
+        if pinged_past_mark:
+            pinged_past_mark = False
+            if not protocol.read_paused and not protocol.transport.is_closing():
+                protocol.transport.resume_reading()
+
+    def guarded_cont(event: Frame) -> None:
+        if len(protocol.frames) >= max_fragments:
+            protocol.conn.fail(CloseCode.MESSAGE_TOO_BIG, f"more than {max_fragments} frames")
+            protocol.handle_parser_exception()
+            return
+        handle_cont(event)
+
+    # Instance attributes: the transport and uvicorn's event loop look these up per call.
+    setattr(protocol, "handle_ping", guarded_ping)  # noqa: B010 - a method, not an attribute
+    setattr(protocol, "resume_writing", guarded_resume_writing)  # noqa: B010
+    setattr(protocol, "handle_cont", guarded_cont)  # noqa: B010
+    return True

@@ -194,7 +194,7 @@ class SessionPolicy:
     (in `conversation.item.create` and in each item of `response.create`'s `response.input`) is
     `user` or `assistant`, or `system` where the tier may set `instructions` (otherwise
     `field_locked`); any other value is `invalid_event`. JSON nested deeper than the decoder's
-    recursion limit is `invalid_json`.
+    recursion limit is `invalid_event`.
 
     Server sessions (`session.created`, `session.updated`) are shown to the client without
     what the tier may not set of: the instructions, the prompt template (`prompt`), `tracing`,
@@ -293,7 +293,7 @@ class SessionPolicy:
             # `[[[[…]]]]` a thousand deep exhausts the decoder's recursion: bad input, not a
             # relay failure. RFC 8259 §9 lets a parser limit the depth of nesting.
             raise InvalidEventError(
-                "the frame nests JSON deeper than the relay accepts", code="invalid_json"
+                "the frame nests JSON deeper than the relay accepts", code="invalid_event"
             ) from None
         if not isinstance(event, dict):
             raise InvalidEventError("an event must be a JSON object with a string 'type'")

@@ -52,6 +52,7 @@ from app.legs import (
     ClientLeg,
     UpstreamConnection,
     UpstreamGoneError,
+    guard_uvicorn_protocol,
 )
 from app.limits import Lease, Limiter, admit, heartbeat, session_caps
 from app.metrics import RelayMetrics, SessionMeter
@@ -194,6 +195,8 @@ class RelaySession:
     async def run(self) -> None:
         relay = self.relay
         await self.receive()  # websocket.connect
+        if DIRECT_EXTENSION not in (self.scope.get("extensions") or {}):
+            guard_uvicorn_protocol(self.receive, self.relay.settings.client_max_fragments)
         offered = self.scope.get("subprotocols") or []
         subprotocol = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
         # Accept before judging: a browser cannot read a refused handshake's HTTP status.

@@ -159,11 +159,12 @@ async def test_error_flood_from_a_client_that_does_not_read(
         assert await read_until_events(client, "error", frames) == frames
 
 
-# uvicorn's own WebSocket protocol answers pings and joins fragments itself, out of an ASGI
-# app's reach; `--ws app.legs:WebSocketProtocol` gives `uvicorn app.main:app` the relay's.
+# The relay's server; uvicorn's CLI with uvicorn's own WebSocket protocol, which answers pings
+# and joins fragments itself (the relay guards it, legs.guard_uvicorn_protocol); and uvicorn's
+# CLI with the relay's protocol (`--ws app.legs:WebSocketProtocol`).
 CLI_WITH_RELAY_PROTOCOL = {"portable": True, "uvicorn_args": ("--ws", "app.legs:WebSocketProtocol")}
-SERVERS = [{}, CLI_WITH_RELAY_PROTOCOL]
-SERVER_IDS = ["python-m-app", "uvicorn-cli-ws"]
+SERVERS = [{}, {"portable": True}, CLI_WITH_RELAY_PROTOCOL]
+SERVER_IDS = ["python-m-app", "uvicorn-cli", "uvicorn-cli-ws"]
 
 
 @pytest.mark.parametrize("server", SERVERS, ids=SERVER_IDS)

@@ -425,12 +425,12 @@ def nested(depth: int, shape: str) -> str:
 @pytest.mark.parametrize("shape", ["array", "object", "event"])
 @pytest.mark.parametrize("depth", [1_000, 100_000])
 def test_nesting_bomb_is_an_invalid_event_and_the_session_goes_on(shape, depth):
-    """JSON nested too deep is invalid_json, not a RecursionError; the next event passes."""
+    """JSON nested too deep is invalid_event, not a RecursionError; the next event passes."""
     checker = policy()
     with pytest.raises(InvalidEventError) as caught:
         checker.client_event(nested(depth, shape))
     if depth == 100_000:
-        assert caught.value.code == "invalid_json"
+        assert caught.value.code == "invalid_event"
     frame = text({"type": "input_audio_buffer.append", "audio": "AAAA"})
     assert checker.client_event(frame)[0] == "input_audio_buffer.append"
 
