@@ -24,8 +24,8 @@ from app.connections import (
     uvicorn_supported,
 )
 from tests.conftest import relay_settings
+from tests.helpers import eventually, recv_until, user_text
 from tests.test_logs import start_relay
-from tests.test_relay import eventually, recv_until, user_text
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -11,7 +11,8 @@ import httpx
 import pytest
 import redis.asyncio as redis
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+
+from tests.helpers import until_closed
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -31,16 +32,6 @@ async def leases(redis_server) -> int:
 async def next_event(ws) -> dict:
     async with asyncio.timeout(WAIT):
         return json.loads(await ws.recv())
-
-
-async def until_closed(ws) -> list[dict]:
-    events = []
-    async with asyncio.timeout(WAIT):
-        try:
-            while True:
-                events.append(json.loads(await ws.recv()))
-        except ConnectionClosed:
-            return events
 
 
 async def test_sigterm_drains_then_closes_with_1012(upstream, relay_process_factory, redis_server):

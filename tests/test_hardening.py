@@ -20,8 +20,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 
 from tests.conftest import relay_settings
-from tests.test_legs import scripted_upstream
-from tests.test_relay import closed, recv_until, tone
+from tests.helpers import closed, recv_until, scripted_upstream, tone
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 

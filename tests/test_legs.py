@@ -10,13 +10,22 @@ import socket
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
 from app.legs import DirectWebSocketProtocol
 from tests.conftest import relay_settings
-from tests.test_relay import WAIT, closed, eventually, recv_until, settings_for, tone, user_text
+from tests.helpers import (
+    WAIT,
+    closed,
+    eventually,
+    recv_until,
+    scripted_upstream,
+    settings_for,
+    tone,
+    user_text,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -180,24 +189,6 @@ async def test_fragments_over_the_limit_close_with_1009(relay_factory, upstream)
         await recv_until(ws, "session.updated")
         await ws.send([part, part, part])
         assert (await closed(ws))[0] == 1009
-
-
-@contextlib.asynccontextmanager
-async def scripted_upstream(script, sock: socket.socket | None = None):
-    """A Realtime server that starts a session, then runs `script(ws)`; yields its URL."""
-
-    async def handler(ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "session.created", "session": {"type": "realtime"}}))
-        update = json.loads(await ws.recv())
-        await ws.send(json.dumps({"type": "session.updated", "session": update["session"]}))
-        await script(ws)
-
-    if sock is None:
-        async with serve(handler, "127.0.0.1", 0) as server:
-            yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
-    else:
-        async with serve(handler, sock=sock, max_queue=1):
-            yield f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/realtime"
 
 
 async def test_fragmented_and_binary_upstream_frames(relay_factory):

@@ -21,7 +21,6 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from app.config import ConfigError, Settings
 from app.errors import LimiterUnavailableError, SessionLimitError
@@ -39,6 +38,7 @@ from app.limits import (
     session_caps,
 )
 from tests.conftest import RelayServer, relay_settings
+from tests.helpers import until_closed
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -608,17 +608,6 @@ async def open_session(url: str) -> ClientConnection:
     return ws
 
 
-async def events_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
-    """Every event the client gets until the relay closes the connection (bounded)."""
-    events = []
-    async with asyncio.timeout(WAIT):
-        try:
-            while True:
-                events.append(json.loads(await ws.recv()))
-        except ConnectionClosed:
-            return events
-
-
 async def until_quiet(client: Redis, key: str, count: int, lease_ttl: float, quiet: float) -> None:
     """Wait until `key` holds `count` leases and none is renewed again for `quiet` seconds.
 
@@ -663,7 +652,7 @@ async def test_relay_ends_the_newest_sessions_over_the_cap_after_redis_restarts_
         await client.connection_pool.disconnect()  # its connections died with the server
         new = await asyncio.gather(*(open_session(relay.ws_url) for _ in range(5)))
         opened += new
-        for events in await asyncio.gather(*(events_until_closed(ws) for ws in new)):
+        for events in await asyncio.gather(*(until_closed(ws) for ws in new)):
             error = events[-1]
             assert error["type"] == "error", events
             assert (error["error"]["code"], error["error"]["param"]) == (

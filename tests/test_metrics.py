@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.config import DEFAULT_PRICES
 from tests.conftest import UPSTREAM_KEY, relay_settings
-from tests.test_relay import eventually
+from tests.helpers import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
