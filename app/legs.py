@@ -218,7 +218,7 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         self.frames = [payload]
         super().send_receive_event_to_app()
         if self.read_paused:  # uvicorn's one message at a time, until the app receives
-            self._sync_reading()
+            self._update_reading()
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == PING:
@@ -247,16 +247,16 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         while not self.queue.empty():  # what arrived while the session was being set up
             _deliver(cast(Message, self.queue.get_nowait()), sink)
         self.read_paused = False  # uvicorn's pause, one message at a time, ends here
-        self._sync_reading()
+        self._update_reading()
 
     async def receive(self) -> Any:
         message = await super().receive()
-        self._sync_reading()  # uvicorn may have resumed reading the socket
+        self._update_reading()  # uvicorn may have resumed reading the socket
         return message
 
     async def send(self, message: Any) -> None:
         await super().send(message)
-        self._sync_reading()  # a close resumes reading the socket, for the close handshake
+        self._update_reading()  # a close resumes reading the socket, for the close handshake
 
     def send_receive_event_to_app(self) -> None:
         """A message websockets parsed (after a hand-off) goes the way the reader's do."""
@@ -305,12 +305,9 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         """A client frame made the relay reply: past the high-water mark, stop reading."""
         if self._write_blocked and not self._reply_blocked:
             self._reply_blocked = True
-            self._sync_reading()
+            self._update_reading()
 
     def _update_reading(self) -> None:
-        self._sync_reading()
-
-    def _sync_reading(self) -> None:
         """Read the socket, and parse what waits, only while nothing says stop: the relay's
         flow control, replies the client has not read, or uvicorn's one message at a time
         (before `attach`). uvicorn pauses and resumes the socket itself too, so each change
@@ -342,7 +339,7 @@ class DirectWebSocketProtocol(_ClientReadPause, WebSocketsSansIOProtocol):
         self._write_blocked = self._reply_blocked = False
         if self.sink is not None:  # first, so a pause that resuming causes is the last word
             self.sink.client_write_paused(False)
-        self._sync_reading()
+        self._update_reading()
 
     # -- the end
 
@@ -624,7 +621,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def guard_uvicorn_protocol(receive: Callable[..., Any], max_fragments: int) -> bool:
+def guard_uvicorn_protocol(receive: Callable[..., Any], max_fragments: int) -> None:
     """Bound what uvicorn's own sans-I/O protocol does without the app, when it serves `/ws`.
 
     Under `uvicorn app.main:app` the client leg is ASGI (`AsgiLeg`), and uvicorn's protocol
@@ -634,13 +631,10 @@ def guard_uvicorn_protocol(receive: Callable[..., Any], max_fragments: int) -> b
     high-water mark a ping stops reading until the buffer drains, and a message in more than
     `max_fragments` frames closes with 1009. Internals of uvicorn 0.54, like the rest of this
     module; any other protocol is left alone.
-
-    Returns:
-        True when the protocol was guarded.
     """
     protocol = getattr(receive, "__self__", None)
     if type(protocol) is not WebSocketsSansIOProtocol:
-        return False
+        return
     handle_ping, handle_cont = protocol.handle_ping, protocol.handle_cont
     resume_writing = protocol.resume_writing
     pinged_past_mark = False
@@ -671,4 +665,3 @@ def guard_uvicorn_protocol(receive: Callable[..., Any], max_fragments: int) -> b
     setattr(protocol, "handle_ping", guarded_ping)  # noqa: B010 - a method, not an attribute
     setattr(protocol, "resume_writing", guarded_resume_writing)  # noqa: B010
     setattr(protocol, "handle_cont", guarded_cont)  # noqa: B010
-    return True

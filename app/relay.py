@@ -50,6 +50,7 @@ from app.legs import (
     AsgiLeg,
     ClientGoneError,
     ClientLeg,
+    DirectWebSocketProtocol,
     UpstreamConnection,
     UpstreamGoneError,
     guard_uvicorn_protocol,
@@ -183,6 +184,10 @@ class RelaySession:
         self.log = logging.LoggerAdapter(logger, {"session": self.id, "tier": "-"})
         self.client_open = False
         self.upstream: UpstreamConnection | None = None
+        # The direct leg, when the relay's own protocol serves this socket (`server_config`): it
+        # offers itself before the ASGI app runs.
+        direct = (scope.get("extensions") or {}).get(DIRECT_EXTENSION)
+        self.direct: DirectWebSocketProtocol | None = direct["leg"] if direct else None
         self.leg: ClientLeg | None = None  # set while the data plane runs
         self.pipe: _Pipe | None = None
         self.stopping = asyncio.Event()  # set by a drain: end the session with 1012
@@ -195,7 +200,7 @@ class RelaySession:
     async def run(self) -> None:
         relay = self.relay
         await self.receive()  # websocket.connect
-        if DIRECT_EXTENSION not in (self.scope.get("extensions") or {}):
+        if self.direct is None:
             guard_uvicorn_protocol(self.receive, self.relay.settings.client_max_fragments)
         offered = self.scope.get("subprotocols") or []
         subprotocol = REALTIME_SUBPROTOCOL if REALTIME_SUBPROTOCOL in offered else None
@@ -315,8 +320,7 @@ class RelaySession:
 
     def _client_leg(self) -> ClientLeg:
         """The client socket as the data plane drives it: direct under `server_config`."""
-        direct = (self.scope.get("extensions") or {}).get(DIRECT_EXTENSION)
-        leg: ClientLeg = direct["leg"] if direct else AsgiLeg(self.receive, self.send)
+        leg: ClientLeg = self.direct or AsgiLeg(self.receive, self.send)
         self.leg = leg
         return leg
 
@@ -427,9 +431,8 @@ class RelaySession:
         relay's buffer; the direct leg drops its connection after the close timeout.
         """
         timeout = self.relay.settings.upstream.close_timeout_seconds
-        direct = (self.scope.get("extensions") or {}).get(DIRECT_EXTENSION)
-        if direct is not None:
-            direct["leg"].abort_after(2 * timeout)
+        if self.direct is not None:
+            self.direct.abort_after(2 * timeout)
         try:
             async with asyncio.timeout(timeout):
                 if self.leg is not None:  # what the data plane sent goes first; its tasks end
@@ -572,8 +575,7 @@ class _Pipe:
             return
         if self._frames is not None:  # behind the audio frames of an earlier delta
             self._backlog.append(data)
-            if len(self._backlog) >= self.max_queue:
-                self.upstream.pause_reading()
+            self._sync_upstream_reading()
             return
         start = time.perf_counter()
         try:
