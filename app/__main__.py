@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 
 from app.config import ConfigError, load_settings
-from app.connections import raise_open_file_limit
 from app.logs import configure_logging
 from app.main import RelayServer, create_app, server_config
+from app.transport.connections import raise_open_file_limit
 
 logger = logging.getLogger("app")
 

@@ -25,17 +25,17 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.auth import credential_from
-from app.client_secrets import client_secrets_router
+from app.api.client_secrets import client_secrets_router
+from app.audio.wire import OUTPUT_CODECS
+from app.auth.credentials import credential_from
 from app.config import Settings, load_settings
-from app.connections import connection_protocol
 from app.errors import RelayError
-from app.legs import DirectWebSocketProtocol
-from app.limits import make_limiter
+from app.limits.leases import make_limiter
 from app.logs import configure_logging, guard_wire_logs
 from app.metrics import RelayMetrics
-from app.relay import Receive, Relay, Scope, Send
-from app.wire import OUTPUT_CODECS
+from app.transport.connections import connection_protocol
+from app.transport.legs import DirectWebSocketProtocol
+from app.transport.relay import Receive, Relay, Scope, Send
 
 logger = logging.getLogger(__name__)
 

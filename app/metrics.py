@@ -14,9 +14,9 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from app.audio.wire import ClientAudio
 from app.config import Settings
-from app.usage import ALL_KINDS, Kind, per_token_prices, price_lookup, split_usage
-from app.wire import ClientAudio
+from app.core.usage import ALL_KINDS, Kind, per_token_prices, price_lookup, split_usage
 
 OTHER: Final = "other"
 

@@ -1,8 +1,8 @@
-"""Benchmark of app.audio: codec throughput, per-frame latency and sessions per core.
+"""Benchmark of app.audio.codecs: codec throughput, per-frame latency and sessions per core.
 
 Run: ``python bench/audio_bench.py`` (about 30 s). Throughput is seconds of audio processed per CPU
 second (``time.process_time``), on espeak-ng speech. PyAV's own Opus path is measured alongside as
-the alternative that app.audio's ctypes binding to libopus was chosen over.
+the alternative that app.audio.codecs's ctypes binding to libopus was chosen over.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import soxr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app import audio
+from app.audio import codecs as audio
 
 MIN_CPU_SECONDS = 1.0
 TEXT = (
@@ -86,9 +86,7 @@ def row(name: str, value: float, unit: str = "x realtime") -> None:
 
 def main() -> None:
     print(f"python {platform.python_version()}, PyAV {av.__version__}, soxr {soxr.__version__}")
-    print(
-        f"app.audio uses {audio.opus_version()}; CPU: {platform.processor() or platform.machine()}"
-    )
+    print(f"codecs use {audio.opus_version()}; CPU: {platform.processor() or platform.machine()}")
     pcm = {rate: speech(rate) for rate in (8000, 16000, 24000, 48000)}
     seconds = len(pcm[24000]) / 24000
     pcm24_bytes = pcm[24000].astype("<i2").tobytes()
@@ -131,9 +129,9 @@ def main() -> None:
 
     print("Opus decode (client -> upstream PCM16 24 kHz, 20 ms packets)")
     dec48 = throughput(decode_all("opus", 48000, packets[48000]), seconds)
-    row("app.audio (ctypes libopus, native 24 kHz), 48k packets", dec48)
+    row("app.audio.codecs (ctypes libopus, native 24 kHz), 48k packets", dec48)
     row(
-        "app.audio (ctypes libopus, native 24 kHz), 24k packets",
+        "app.audio.codecs (ctypes libopus, native 24 kHz), 24k packets",
         throughput(decode_all("opus", 24000, packets[24000]), seconds),
     )
     row(
@@ -143,9 +141,9 @@ def main() -> None:
 
     print("Opus encode (upstream 24 kHz -> client), 32 kbps, 100 ms deltas -> 20 ms packets")
     enc = {c: throughput(encode_all(c), seconds) for c in (2, 5, 10)}
-    row("app.audio complexity 2 (the relay's setting)", enc[2])
-    row("app.audio complexity 5 (make_encoder's default)", enc[5])
-    row("app.audio complexity 10", enc[10])
+    row("app.audio.codecs complexity 2 (the relay's setting)", enc[2])
+    row("app.audio.codecs complexity 5 (make_encoder's default)", enc[5])
+    row("app.audio.codecs complexity 10", enc[10])
     pyav5 = throughput(lambda: pyav_opus_packets(pcm[24000], 24000, 32000, 5), seconds)
     row("PyAV libopus complexity 5 (AudioFrame per packet)", pyav5)
 
@@ -205,9 +203,9 @@ def main() -> None:
 
     # A talking session decodes 1 s and encodes 1 s of audio per second.
     print("Concurrent talking sessions per core, Opus both ways (codec work only)")
-    row("app.audio, complexity 2 (the relay's)", 1 / (1 / dec48 + 1 / enc[2]), "sessions")
-    row("app.audio, complexity 5", 1 / (1 / dec48 + 1 / enc[5]), "sessions")
-    row("app.audio, complexity 10", 1 / (1 / dec48 + 1 / enc[10]), "sessions")
+    row("app.audio.codecs, complexity 2 (the relay's)", 1 / (1 / dec48 + 1 / enc[2]), "sessions")
+    row("app.audio.codecs, complexity 5", 1 / (1 / dec48 + 1 / enc[5]), "sessions")
+    row("app.audio.codecs, complexity 10", 1 / (1 / dec48 + 1 / enc[10]), "sessions")
     row("PyAV CodecContext path, complexity 5", 1 / (1 / pyav48 + 1 / pyav5), "sessions")
 
 

@@ -1,4 +1,4 @@
-"""Tests for app.audio: real codecs on synthetic speech, no mocks."""
+"""Tests for app.audio.codecs: real codecs on synthetic speech, no mocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soxr
 
-from app.audio import (
+from app.audio.codecs import (
     FRAME_SAMPLES,
     AudioError,
     alaw_decode,

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from app.auth import (
+from app.auth.credentials import (
     ANONYMOUS,
     EK_AUDIENCE,
     Authenticator,
@@ -354,7 +354,7 @@ def test_without_a_token_secret_tokens_stay_on_their_replica(
         Authenticator(settings(token_secret=None)),
         Authenticator(settings(token_secret=None)),
     )
-    with caplog.at_level(logging.WARNING, logger="app.auth"):
+    with caplog.at_level(logging.WARNING, logger="app.auth.credentials"):
         token, _ = first.mint(first.authenticate(KEY))
         first.mint(first.authenticate(KEY))
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1

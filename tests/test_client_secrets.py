@@ -18,8 +18,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from app.auth import Authenticator, Identity
-from app.client_secrets import client_secrets_router
+from app.api.client_secrets import client_secrets_router
+from app.auth.credentials import Authenticator, Identity
 from tests.conftest import relay_settings
 from tests.test_auth import JWT_SECRET, KEY, TOKEN_SECRET, claims, hs256, settings
 

@@ -17,7 +17,7 @@ from uvicorn.importer import import_from_string
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from app.connections import (
+from app.transport.connections import (
     connection_gate,
     connection_protocol,
     derived_max_connections,
@@ -178,7 +178,7 @@ def test_derived_cap_leaves_room_for_each_session_and_the_process():
 
 def test_cap_is_logged_once_at_start_up(caplog):
     """The cap in force is logged: given, or derived from the open-file limit."""
-    caplog.set_level(logging.INFO, logger="app.connections")
+    caplog.set_level(logging.INFO, logger="app.transport.connections")
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     derived = connection_gate(relay_settings("ws://127.0.0.1:9"))
     given = connection_gate(relay_settings("ws://127.0.0.1:9", max_connections=7))
@@ -195,20 +195,20 @@ async def test_untested_uvicorn_falls_back_with_one_warning(
 ):
     """On a uvicorn minor version the suite did not run, the stock protocol serves, with one
     warning at start-up."""
-    from app import connections
+    from app.transport import connections
 
     assert uvicorn_supported()
     assert not uvicorn_supported("0.55.0") and not uvicorn_supported("1.0")
     monkeypatch.setattr(uvicorn, "__version__", "0.55.0")
     connections._warn_unsupported.cache_clear()
-    caplog.set_level(logging.WARNING, logger="app.connections")
+    caplog.set_level(logging.WARNING, logger="app.transport.connections")
     settings = relay_settings(upstream.url)
     assert connection_protocol(settings) == "auto"
     assert connection_protocol(settings, "h11") == "h11"
     relay = await relay_factory(settings)
     async with httpx.AsyncClient() as client:
         assert (await client.get(f"{relay.http_url}/healthz")).status_code == 200
-    warnings = [r.getMessage() for r in caplog.records if r.name == "app.connections"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.transport.connections"]
     assert len(warnings) == 1 and "uvicorn 0.55.0" in warnings[0]
     connections._warn_unsupported.cache_clear()
 
@@ -236,8 +236,9 @@ async def test_python_m_app_raises_the_open_file_limit(relay_process_factory, up
 
 
 def test_limits_are_read_from_the_environment(monkeypatch):
-    """`uvicorn app.main:app --http app.connections:HttpProtocol` gets the `RELAY_` limits."""
-    from app import connections
+    """`uvicorn app.main:app --http app.transport.connections:HttpProtocol` gets the `RELAY_`
+    limits."""
+    from app.transport import connections
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("RELAY_MAX_CONNECTIONS", "33")
@@ -247,21 +248,23 @@ def test_limits_are_read_from_the_environment(monkeypatch):
         protocol = connections.HttpProtocol
         assert protocol is connections.HttpProtocol  # built once
         assert (protocol.gate.max_connections, protocol.gate.handshake_timeout) == (33, 2.5)
-        assert import_from_string("app.connections:HttpProtocol") is protocol  # as --http does
+        assert (
+            import_from_string("app.transport.connections:HttpProtocol") is protocol
+        )  # as --http does
     finally:
         connections._from_environment.cache_clear()
 
 
 async def test_uvicorn_cli_selects_the_protocol_by_import_string(upstream):
-    """`uvicorn app.main:app --http app.connections:HttpProtocol` (on uvloop) refuses connections
-    past RELAY_MAX_CONNECTIONS, closes a silent one after RELAY_HANDSHAKE_TIMEOUT_SECONDS, logs
-    its cap, and serves sessions."""
+    """`uvicorn app.main:app --http app.transport.connections:HttpProtocol` (on uvloop) refuses
+    connections past RELAY_MAX_CONNECTIONS, closes a silent one after
+    RELAY_HANDSHAKE_TIMEOUT_SECONDS, logs its cap, and serves sessions."""
     relay = await start_relay(
         "uvicorn app.main:app",
         upstream.url,
         "INFO",
         "--http",
-        "app.connections:HttpProtocol",
+        "app.transport.connections:HttpProtocol",
         RELAY_HANDSHAKE_TIMEOUT_SECONDS="0.5",
         RELAY_MAX_CONNECTIONS="1",
     )

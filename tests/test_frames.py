@@ -9,7 +9,7 @@ import pytest
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.streams import StreamReader
 
-from app.frames import (
+from app.transport.frames import (
     BINARY,
     PING,
     PONG,

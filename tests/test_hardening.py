@@ -160,8 +160,11 @@ async def test_error_flood_from_a_client_that_does_not_read(
 
 # The relay's server; uvicorn's CLI with uvicorn's own WebSocket protocol, which answers pings
 # and joins fragments itself (the relay guards it, legs.guard_uvicorn_protocol); and uvicorn's
-# CLI with the relay's protocol (`--ws app.legs:WebSocketProtocol`).
-CLI_WITH_RELAY_PROTOCOL = {"portable": True, "uvicorn_args": ("--ws", "app.legs:WebSocketProtocol")}
+# CLI with the relay's protocol (`--ws app.transport.legs:WebSocketProtocol`).
+CLI_WITH_RELAY_PROTOCOL = {
+    "portable": True,
+    "uvicorn_args": ("--ws", "app.transport.legs:WebSocketProtocol"),
+}
 SERVERS = [{}, {"portable": True}, CLI_WITH_RELAY_PROTOCOL]
 SERVER_IDS = ["python-m-app", "uvicorn-cli", "uvicorn-cli-ws"]
 

@@ -14,7 +14,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from app.legs import DirectWebSocketProtocol
+from app.transport.legs import DirectWebSocketProtocol
 from tests.conftest import relay_settings
 from tests.helpers import (
     WAIT,

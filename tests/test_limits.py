@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from app.config import ConfigError, Settings
 from app.errors import LimiterUnavailableError, SessionLimitError
-from app.limits import (
+from app.limits.leases import (
     Cap,
     Lease,
     Limiter,

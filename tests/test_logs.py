@@ -162,7 +162,9 @@ async def test_debug_logs_carry_no_credentials_or_payloads(upstream, command, le
 
 def test_json_formatter_keeps_session_fields():
     """The JSON formatter writes the session id and tier as fields of their own."""
-    record = logging.LogRecord("app.relay", logging.INFO, __file__, 1, "closed %d", (1000,), None)
+    record = logging.LogRecord(
+        "app.transport.relay", logging.INFO, __file__, 1, "closed %d", (1000,), None
+    )
     record.session, record.tier = "abc", "pro"
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "closed 1000"

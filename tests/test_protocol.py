@@ -9,8 +9,8 @@ import pytest
 from openai.types.realtime import RealtimeClientEventParam
 
 from app.config import SessionSettings, TierSettings
+from app.core.policy import CLIENT_EVENT_FIELDS, INJECTED_EVENT_ID, SessionPolicy
 from app.errors import FieldLockedError, InvalidEventError, UpstreamError
-from app.protocol import CLIENT_EVENT_FIELDS, INJECTED_EVENT_ID, SessionPolicy
 
 TOOL = {
     "type": "function",

@@ -7,7 +7,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from app.config import ConfigError, Settings, load_settings
-from app.upstream import build_target
+from app.transport.upstream import build_target
 
 KEY = "sk-test-0123456789abcdef"
 

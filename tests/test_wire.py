@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from app.audio import alaw_encode
+from app.audio.codecs import alaw_encode
 from tests.audio_tools import envelope_r, opus_decode, opus_packets, resample
 from tests.conftest import relay_settings
 

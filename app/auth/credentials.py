@@ -7,7 +7,7 @@ credential is never sent upstream. `Authenticator.authenticate` accepts, in this
 - a client key from `RELAY_CLIENT_KEYS` (plaintext or `sha256:<hex>`), compared in constant time
   against every entry; the client id is ``key:`` + 16 hex digits of the key's SHA-256;
 - a relay-minted token, ``ek_`` + a compact JWS (`Authenticator.mint`, served by
-  `app.client_secrets`): HS256 under a key derived from `RELAY_TOKEN_SECRET`, audience
+  `app.api.client_secrets`): HS256 under a key derived from `RELAY_TOKEN_SECRET`, audience
   `EK_AUDIENCE`, with the client id (``sub``), ``tier``, ``iat``, ``exp``, ``jti`` and, when it
   was minted for one model, ``model`` (the session may then use that model only). Its claims are
   readable, not secret. Its own key and audience keep it apart from an app's JWTs: neither passes

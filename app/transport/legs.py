@@ -34,7 +34,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 
-from app.frames import (
+from app.transport.frames import (
     BINARY,
     PING,
     PONG,
@@ -611,8 +611,8 @@ class UpstreamConnection(_RelayReadPause, ClientConnection):
 
 
 def __getattr__(name: str) -> Any:
-    """`WebSocketProtocol`, for `uvicorn app.main:app --ws app.legs:WebSocketProtocol`: the
-    direct leg with the limits of the `RELAY_` environment (read on first access, as
+    """`WebSocketProtocol`, for `uvicorn app.main:app --ws app.transport.legs:WebSocketProtocol`:
+    the direct leg with the limits of the `RELAY_` environment (read on first access, as
     `app.main.app` is), so uvicorn's CLI gets the same bounds on pings and fragments."""
     if name == "WebSocketProtocol":
         from app.config import load_settings

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from app.audio import (
+from app.audio.codecs import (
     FRAME_SAMPLES,
     AudioError,
     Decoder,

@@ -17,7 +17,8 @@ This subclasses uvicorn's HTTP protocols (`HttpToolsProtocol`, `H11Protocol`: th
 `connections` and `transport`), which are internals: it is used only on the uvicorn minor version
 the tests ran (`TESTED_UVICORN`); on any other, `connection_protocol` returns uvicorn's stock
 protocol and warns once. `main.server_config` selects it; `uvicorn app.main:app` users select it
-with `--http app.connections:HttpProtocol` (read from the `RELAY_` environment, as the app is).
+with `--http app.transport.connections:HttpProtocol` (read from the `RELAY_` environment,
+as the app is).
 """
 
 from __future__ import annotations
@@ -298,9 +299,9 @@ def _from_environment() -> type[asyncio.Protocol]:
 
 
 def __getattr__(name: str) -> Any:
-    """`HttpProtocol`, for `uvicorn app.main:app --http app.connections:HttpProtocol`: built on
-    first access from the `RELAY_` environment (as `app.main.app` is), so importing this module
-    reads no environment."""
+    """`HttpProtocol`, for `uvicorn app.main:app --http app.transport.connections:HttpProtocol`:
+    built on first access from the `RELAY_` environment (as `app.main.app` is), so importing
+    this module reads no environment."""
     if name == "HttpProtocol":
         return _from_environment()
     raise AttributeError(name)

@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from app.config import Settings, UpstreamKind
 from app.errors import UpstreamError, UpstreamRefusedError
-from app.legs import UpstreamConnection
+from app.transport.legs import UpstreamConnection
 
 USER_AGENT = "realtime-relay/0.1"
 

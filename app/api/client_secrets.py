@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
-from app.auth import (
+from app.auth.credentials import (
     MAX_TOKEN_TTL_SECONDS,
     MIN_TOKEN_TTL_SECONDS,
     Authenticator,

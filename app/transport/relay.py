@@ -25,8 +25,16 @@ from urllib.parse import parse_qs
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Opcode
 
-from app.auth import Authenticator, CredentialKind, Identity, check_origin, credential_from
+from app.audio.wire import AudioOptions, ClientAudio, audio_options
+from app.auth.credentials import (
+    Authenticator,
+    CredentialKind,
+    Identity,
+    check_origin,
+    credential_from,
+)
 from app.config import Settings, TierSettings
+from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
 from app.errors import (
     AdmissionError,
     ClientError,
@@ -45,7 +53,9 @@ from app.errors import (
     UpstreamTimeoutError,
     event_for,
 )
-from app.legs import (
+from app.limits.leases import Lease, Limiter, admit, heartbeat, session_caps
+from app.metrics import RelayMetrics, SessionMeter
+from app.transport.legs import (
     DIRECT_EXTENSION,
     AsgiLeg,
     ClientGoneError,
@@ -55,11 +65,7 @@ from app.legs import (
     UpstreamGoneError,
     guard_uvicorn_protocol,
 )
-from app.limits import Lease, Limiter, admit, heartbeat, session_caps
-from app.metrics import RelayMetrics, SessionMeter
-from app.protocol import INJECTED_EVENT_ID, SessionPolicy
-from app.upstream import Upstream, close_quietly
-from app.wire import AudioOptions, ClientAudio, audio_options
+from app.transport.upstream import Upstream, close_quietly
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""HTTP routes beside the WebSocket endpoint: health, options, client secrets."""

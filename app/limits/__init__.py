@@ -1,0 +1,1 @@
+"""Limits: per-tier concurrent sessions as leases, in process or in Redis."""
