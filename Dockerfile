@@ -6,26 +6,33 @@
 #
 # The base is pinned to a Python patch release and a Debian release; bump both on purpose.
 
-# --- builder: the dependencies, in a venv, from pyproject.toml alone --------------------------
+# --- builder: the dependencies from pyproject.toml alone, then the project, in a venv ----------
 FROM python:3.11.14-slim-bookworm AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-WORKDIR /build
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /srv/relay
 
 # Only pyproject.toml is copied here, so this layer is rebuilt when the dependencies change, not
-# when the code does. Every dependency ships manylinux wheels (PyAV bundles FFmpeg and libopus),
-# so no compiler is needed.
+# when the code does. Every dependency ships manylinux wheels, so no compiler is needed.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
-    && pip install --no-cache-dir -r requirements.txt
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+
+# The project itself, without its dependencies: this installs the `realtime-relay` command.
+# Editable, so the code stays in /srv/relay, where app/main.py finds the page at ../static; a
+# wheel would put app/ in site-packages without it. README.md is the package's long description.
+# .dockerignore leaves app/local_upstream/ (the demo echo server) out of the context.
+COPY README.md ./
+COPY app/ ./app/
+RUN pip install --no-cache-dir --no-deps --editable .
 
 # --- runtime ------------------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm
 
-# libopus0: app/audio.py falls back to the system libopus when PyAV's bundled one is missing.
+# libopus0: app/audio/codecs.py loads the system libopus (ctypes) for clients that ask for Opus.
 # Versions are not pinned: the base tag pins the Debian release, and a point release removes the
 # superseded package from the archive, which would break every rebuild.
 # hadolint ignore=DL3008
@@ -38,13 +45,12 @@ RUN apt-get update \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# The code runs from /srv/relay: `python -m app` finds the package in the working directory, and
-# app/main.py finds the page at ../static, next to app/.
+# The venv's editable install points at /srv/relay/app; app/main.py finds the page at ../static.
 WORKDIR /srv/relay
 COPY app/ ./app/
 COPY static/ ./static/
 # Byte-compiled at build time: in Kubernetes the root filesystem is read-only.
-RUN python -m compileall -q app
+RUN /opt/venv/bin/python -m compileall -q app
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -63,5 +69,6 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
 # SIGTERM starts the drain: /readyz turns 503, new sessions are refused, live ones are warned and
 # closed with 1012 after RELAY_DRAIN_SECONDS. Give the container longer than that to stop.
 STOPSIGNAL SIGTERM
-# No --demo: without OPENAI_API_KEY the relay refuses to start and names the variable.
-CMD ["python", "-m", "app"]
+# No --demo: without OPENAI_API_KEY the relay refuses to start and names the variable (and the
+# image has no local upstream to fall back to).
+CMD ["realtime-relay"]

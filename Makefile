@@ -10,4 +10,4 @@ test:  ## Format check, lint, strict types and the whole test suite
 
 bench:  ## Relay overhead figures against a direct connection and nginx
 	scripts/bootstrap.sh test
-	.venv/bin/python bench/relay_bench.py
+	.venv/bin/python -m bench.relay

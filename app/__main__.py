@@ -1,7 +1,9 @@
 """`realtime-relay` (or `python -m app`): run the relay under uvicorn with its settings.
 
 With `--demo` and no `OPENAI_API_KEY`, the bundled local upstream (it echoes your speech back)
-runs in the same process and the relay points at it; the log and the page say so.
+runs in the same process and the relay points at it; the log and the page say so. The local
+upstream is a test and demo tool that the container image leaves out: there `--demo` without a key
+stops at start-up with one line saying so.
 """
 
 from __future__ import annotations
@@ -12,22 +14,41 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from app.config import ConfigError, load_settings
 from app.logs import configure_logging
 from app.main import RelayServer, create_app, server_config
 from app.transport.connections import raise_open_file_limit
 
+if TYPE_CHECKING:
+    from app.local_upstream import LocalUpstream
+
 logger = logging.getLogger("app")
+
+
+class DemoUnavailableError(Exception):
+    """`--demo` without a key, where the local upstream is not installed (the container image)."""
+
+
+def _local_upstream_class() -> type[LocalUpstream]:
+    # Imported here, not at the top: production installs (the image) leave the package out.
+    try:
+        from app.local_upstream import LocalUpstream
+    except ModuleNotFoundError as exc:
+        missing = exc.name or "app.local_upstream"
+        raise DemoUnavailableError(
+            f"--demo needs the local upstream, which is not installed here ({missing} is "
+            "missing); set OPENAI_API_KEY to use OpenAI"
+        ) from None
+    return LocalUpstream
 
 
 async def _serve(demo: bool) -> None:
     overrides: dict[str, object] = {}
     local = None
     if demo and not os.environ.get("OPENAI_API_KEY"):
-        from app.local_upstream import LocalUpstream
-
-        local = LocalUpstream(realtime_pacing=True)
+        local = _local_upstream_class()(realtime_pacing=True)
         await local.__aenter__()
         overrides = {
             "openai_api_key": "demo-no-key",
@@ -70,7 +91,7 @@ def main() -> None:
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(args.demo))
-    except ConfigError as exc:
+    except (ConfigError, DemoUnavailableError) as exc:
         sys.exit(f"realtime-relay: {exc}")
     except KeyboardInterrupt:
         pass

@@ -70,7 +70,8 @@ class UpstreamSettings(_Section):
     ping_interval_seconds: float | None = Field(20.0, gt=0)
     ping_timeout_seconds: float | None = Field(20.0, gt=0)
     close_timeout_seconds: float = Field(5.0, gt=0)
-    # Upstream frames read ahead of the client; a slow client pushes back on the upstream past it.
+    # Upstream messages held behind a client's paced binary audio (or read ahead by the portable
+    # upstream leg); past it the upstream is not read.
     max_queue: int = Field(16, ge=1)
     # permessage-deflate buys ~25% on base64 audio at a large CPU cost; off unless asked for.
     compression: bool = False
@@ -109,9 +110,9 @@ class SessionSettings(_Section):
     # A client sending G.711 gets an audio/pcmu|pcma upstream session (no conversion, the model
     # hears the line as it is); False converts its audio to PCM16 24 kHz instead.
     g711_passthrough: bool = True
-    # Opus encoder complexity for clients that take Opus output. 2 rather than libopus' 10: it
-    # keeps a 20 ms packet's encode near 0.1 ms, so one core serves ~150 talking sessions with
-    # per-frame p99 under 2 ms (bench/relay_bench.py --codec opus), for ~0.2 dB less SNR than 5.
+    # Opus encoder complexity for clients that take Opus output. 2 rather than libopus' 10: a
+    # packet's encode stays short enough to keep per-frame latency low under load, for a small
+    # loss of quality (figures in docs/design.md, "Pacing binary audio").
     opus_complexity: int = Field(2, ge=0, le=10)
     # Any further GA session fields, merged last (e.g. {"truncation": "auto"}).
     extra: dict[str, Any] = {}
@@ -202,14 +203,14 @@ class Settings(BaseSettings):
     # Tier of clients that present no key (the bundled page by default); "" refuses them.
     # Unset, it is "default" if that tier exists, else "".
     anonymous_tier: str = "default"
-    # Limits (app/limits.py). No URL: an in-process limiter for a single instance.
+    # Limits (app/limits/). No URL: an in-process limiter for a single instance.
     redis_url: str | None = None
     lease_ttl_seconds: float = Field(30.0, gt=1)
     # Redis unreachable at admission: refuse the session (default) or admit it.
     limits_fail_open: bool = False
     # The upstream account's concurrent-session cap per model, shared by every tier.
     model_limits: dict[str, int] = {}
-    # Client auth beyond static keys (app/auth.py).
+    # Client auth beyond static keys (app/auth/).
     jwt: JwtSettings = JwtSettings()
     # Signs the relay's own short-lived `ek_` tokens; set the same value on every replica.
     token_secret: SecretStr | None = None

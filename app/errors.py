@@ -1,7 +1,8 @@
-"""Close codes and the relay's exceptions.
+"""Close codes, error codes and the relay's exceptions.
 
-Every refusal the client can see is a `RelayError`: it carries the WebSocket close code, a stable
-`code` for the `error` event and a message that is safe to show (no keys, no other tenants' data)::
+Every refusal the client can see is a `RelayError`: it carries the WebSocket close code
+(`CloseCode`), a stable `code` for the `error` event (an `ErrorCode`, public: clients match on it)
+and a message that is safe to show (no keys, no other tenants' data)::
 
     RelayError
     ├── ClientError                 the client's doing; the session stays open
@@ -19,31 +20,96 @@ Every refusal the client can see is a `RelayError`: it carries the WebSocket clo
     ├── ClientTimeoutError          client_timeout: keepalive pings unanswered (close 1011)
     ├── MessageTooBigError          message_too_big (close 1009)
     ├── ShuttingDownError           server_shutting_down (close 1012)
-    └── UpstreamError               upstream_* (close 1014, or 1013 when rate limited)
-        ├── UpstreamRefusedError    the upstream answered the handshake with an HTTP error
-        ├── UpstreamClosedError     the upstream went away mid-session
+    └── UpstreamError               upstream_unavailable / upstream_rejected_session (close 1014)
+        ├── UpstreamRefusedError    upstream_unauthorized / upstream_refused (close 1014),
+        │                           upstream_rate_limited (close 1013): an HTTP error at handshake
+        ├── UpstreamClosedError     upstream_closed: the upstream went away mid-session
         └── UpstreamTimeoutError    upstream_timeout: keepalive pings unanswered mid-session
 
-Foreign exceptions (websockets, redis) are translated into these once, where they are raised.
+`RelayError` itself is `relay_error` (close 1011). The error codes the upstream sends
+(REALTIME.md §10) are forwarded as they are; those the metrics count by name are
+`UpstreamErrorCode`. Foreign exceptions (websockets, redis) are translated into these once, where
+they are raised.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any, NotRequired, TypedDict
 
 
 class CloseCode(IntEnum):
-    """WebSocket close codes the relay sends (RFC 6455 §7.4, IANA registry)."""
+    """WebSocket close codes the relay sends or sees (RFC 6455 §7.4, IANA registry)."""
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    # Never sent: what a connection lost without a close frame reports (RFC 6455 §7.1.5). The
+    # upstream's closes are counted by code, and this is one of them.
+    ABNORMAL = 1006
     POLICY = 1008  # auth, origin, model, session limit: retrying cannot fix it
     TOO_BIG = 1009
     INTERNAL = 1011
     RESTART = 1012  # shutting down: SDKs reconnect, landing on another replica
     TRY_AGAIN_LATER = 1013
     BAD_GATEWAY = 1014
+
+
+class ErrorCode(StrEnum):
+    """The `code` of every `error` event the relay itself sends (the README's table).
+
+    The values are public: clients match on them, and they are the `code` label of
+    `realtime_relay_errors_total`.
+    """
+
+    RELAY_ERROR = "relay_error"  # a relay bug, logged with its traceback
+    # ClientError: the session stays open
+    INVALID_JSON = "invalid_json"
+    INVALID_EVENT = "invalid_event"
+    UNKNOWN_EVENT_TYPE = "unknown_event_type"
+    FIELD_LOCKED = "field_locked"
+    INVALID_AUDIO = "invalid_audio"
+    # AdmissionError: refused before any upstream connection
+    UNAUTHORIZED = "unauthorized"
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    SESSION_LIMIT_REACHED = "session_limit_reached"
+    # the session ends
+    LIMITER_UNAVAILABLE = "limiter_unavailable"
+    SESSION_EXPIRED = "session_expired"
+    SESSION_IDLE = "session_idle"
+    CLIENT_TIMEOUT = "client_timeout"
+    MESSAGE_TOO_BIG = "message_too_big"
+    SERVER_SHUTTING_DOWN = "server_shutting_down"
+    # UpstreamError
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_UNAUTHORIZED = "upstream_unauthorized"
+    UPSTREAM_RATE_LIMITED = "upstream_rate_limited"
+    UPSTREAM_REFUSED = "upstream_refused"
+    UPSTREAM_REJECTED_SESSION = "upstream_rejected_session"  # it refused the injected settings
+    UPSTREAM_CLOSED = "upstream_closed"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+
+
+class UpstreamErrorCode(StrEnum):
+    """Codes of the upstream's `error` events that metrics count by name (REALTIME.md §10).
+
+    The relay forwards upstream errors as they are; any other code is counted as `other`. Some
+    values are also `ErrorCode`s (`invalid_event`, `session_expired`): the `source` label tells
+    them apart.
+    """
+
+    SESSION_EXPIRED = "session_expired"
+    CONVERSATION_ALREADY_HAS_ACTIVE_RESPONSE = "conversation_already_has_active_response"
+    RESPONSE_CANCEL_NOT_ACTIVE = "response_cancel_not_active"
+    INPUT_AUDIO_BUFFER_COMMIT_EMPTY = "input_audio_buffer_commit_empty"
+    UNKNOWN_PARAMETER = "unknown_parameter"
+    MISSING_REQUIRED_PARAMETER = "missing_required_parameter"
+    INVALID_TYPE = "invalid_type"
+    INVALID_VALUE = "invalid_value"
+    INVALID_EVENT = "invalid_event"
+    SERVER_ERROR = "server_error"
+    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 
 
 class ErrorBody(TypedDict):
@@ -66,9 +132,15 @@ class ErrorEvent(TypedDict):
 
 
 class RelayError(Exception):
-    """Base of every error a client may be told about."""
+    """Base of every error a client may be told about.
 
-    code = "relay_error"
+    Args:
+        message: safe to show the client.
+        code: overrides the class's `code` for this error (an `ErrorCode`, by convention).
+        param: the field or cap the error is about, if any.
+    """
+
+    code: str = ErrorCode.RELAY_ERROR
     close_code = CloseCode.INTERNAL
     error_type = "server_error"
 
@@ -84,7 +156,7 @@ class RelayError(Exception):
 class ClientError(RelayError):
     """Bad client input: the event is refused with an `error` event and the session goes on."""
 
-    code = "invalid_event"
+    code = ErrorCode.INVALID_EVENT
     close_code = CloseCode.POLICY
     error_type = "invalid_request_error"
 
@@ -96,13 +168,13 @@ class InvalidEventError(ClientError):
 class FieldLockedError(ClientError):
     """A change to session fields the client's tier does not allow."""
 
-    code = "field_locked"
+    code = ErrorCode.FIELD_LOCKED
 
 
 class InvalidAudioError(ClientError):
     """Audio the relay cannot decode; nothing buffered before it is lost."""
 
-    code = "invalid_audio"
+    code = ErrorCode.INVALID_AUDIO
 
 
 class AdmissionError(RelayError):
@@ -113,25 +185,25 @@ class AdmissionError(RelayError):
 
 
 class UnauthorizedError(AdmissionError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class OriginNotAllowedError(AdmissionError):
-    code = "origin_not_allowed"
+    code = ErrorCode.ORIGIN_NOT_ALLOWED
 
 
 class ModelNotAllowedError(AdmissionError):
-    code = "model_not_allowed"
+    code = ErrorCode.MODEL_NOT_ALLOWED
 
 
 class UnsupportedClientError(AdmissionError):
-    code = "unsupported_protocol"
+    code = ErrorCode.UNSUPPORTED_PROTOCOL
 
 
 class SessionLimitError(AdmissionError):
     """A concurrency cap is full; the message names the cap, never other tenants' data."""
 
-    code = "session_limit_reached"
+    code = ErrorCode.SESSION_LIMIT_REACHED
 
     def __init__(self, message: str, *, cap: str) -> None:
         super().__init__(message, param=cap)
@@ -141,14 +213,14 @@ class SessionLimitError(AdmissionError):
 class LimiterUnavailableError(RelayError):
     """The limits store cannot be reached and the relay fails closed."""
 
-    code = "limiter_unavailable"
+    code = ErrorCode.LIMITER_UNAVAILABLE
     close_code = CloseCode.TRY_AGAIN_LATER
 
 
 class SessionEndedError(RelayError):
-    """The relay ends a session by policy (too long, or idle too long)."""
+    """The relay ends a session by policy: too long, or idle too long (`code=SESSION_IDLE`)."""
 
-    code = "session_expired"
+    code = ErrorCode.SESSION_EXPIRED
     close_code = CloseCode.NORMAL
     error_type = "invalid_request_error"
 
@@ -160,26 +232,26 @@ class ClientTimeoutError(RelayError):
     rarely reads the `error` event, but the relay's logs and metrics name the cause.
     """
 
-    code = "client_timeout"
+    code = ErrorCode.CLIENT_TIMEOUT
     close_code = CloseCode.INTERNAL
     error_type = "invalid_request_error"
 
 
 class MessageTooBigError(RelayError):
-    code = "message_too_big"
+    code = ErrorCode.MESSAGE_TOO_BIG
     close_code = CloseCode.TOO_BIG
     error_type = "invalid_request_error"
 
 
 class ShuttingDownError(RelayError):
-    code = "server_shutting_down"
+    code = ErrorCode.SERVER_SHUTTING_DOWN
     close_code = CloseCode.RESTART
 
 
 class UpstreamError(RelayError):
     """The upstream could not be reached or failed; the client sees a bad gateway."""
 
-    code = "upstream_unavailable"
+    code = ErrorCode.UPSTREAM_UNAVAILABLE
     close_code = CloseCode.BAD_GATEWAY
 
 
@@ -188,11 +260,14 @@ class UpstreamRefusedError(UpstreamError):
 
     def __init__(self, status: int) -> None:
         if status in (401, 403):
-            code, message = "upstream_unauthorized", "the upstream refused the relay's credentials"
+            code = ErrorCode.UPSTREAM_UNAUTHORIZED
+            message = "the upstream refused the relay's credentials"
         elif status == 429:
-            code, message = "upstream_rate_limited", "the upstream is rate limiting; retry later"
+            code = ErrorCode.UPSTREAM_RATE_LIMITED
+            message = "the upstream is rate limiting; retry later"
         else:
-            code, message = "upstream_refused", f"the upstream refused the connection ({status})"
+            code = ErrorCode.UPSTREAM_REFUSED
+            message = f"the upstream refused the connection ({status})"
         super().__init__(message, code=code)
         self.status = status
         if status == 429:
@@ -202,7 +277,13 @@ class UpstreamRefusedError(UpstreamError):
 class UpstreamClosedError(UpstreamError):
     """The upstream closed or dropped the connection while the session was live."""
 
-    code = "upstream_closed"
+    code = ErrorCode.UPSTREAM_CLOSED
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream stopped answering keepalive pings mid-session (it stalled)."""
+
+    code = ErrorCode.UPSTREAM_TIMEOUT
 
 
 def error_event(
@@ -239,9 +320,3 @@ def event_for(exc: RelayError, *, event_id: str, client_event_id: str | None = N
         client_event_id=client_event_id,
         event_id=event_id,
     )
-
-
-class UpstreamTimeoutError(UpstreamError):
-    """The upstream stopped answering keepalive pings mid-session (it stalled)."""
-
-    code = "upstream_timeout"

@@ -30,11 +30,10 @@ from app.audio.wire import OUTPUT_CODECS
 from app.auth.credentials import credential_from
 from app.config import Settings, load_settings
 from app.errors import RelayError
-from app.limits.leases import make_limiter
+from app.limits import make_limiter
 from app.logs import configure_logging, guard_wire_logs
 from app.metrics import RelayMetrics
-from app.transport.connections import connection_protocol
-from app.transport.legs import DirectWebSocketProtocol
+from app.transport import fast
 from app.transport.relay import Receive, Relay, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,7 @@ class RelayApp:
     """The ASGI app: WebSockets on `RELAY_PATHS` go straight to the relay, the rest to FastAPI.
 
     Starlette's middleware wraps `send` for every scope; sending each relayed frame through it
-    cost about 5% of the relay's CPU under load (bench/relay_bench.py, py-spy), so the relay's
-    sockets bypass it.
+    cost about 5% of the relay's CPU under load, so the relay's sockets bypass it.
     """
 
     def __init__(self, api: FastAPI, relay: Relay) -> None:
@@ -147,7 +145,17 @@ def create_app(settings: Settings | None = None) -> RelayApp:
 
 def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """Uvicorn's configuration for the relay: one worker, sized frames, no deflate on audio,
-    capped connections with a deadline for their request head."""
+    capped connections with a deadline for their request head.
+
+    On a uvicorn or websockets release the tests did not run (`fast.enabled()`), uvicorn's
+    stock protocols serve instead (the portable path: no direct leg, cap or deadline), and one
+    warning says so."""
+    # Uvicorn's sans-I/O websockets protocol, delivering the relay's messages by callback
+    # (fast.py; docs/design.md, "Why the fast path exists").
+    fast.warn_if_untested()
+    ws: Any = "auto"  # uvicorn's own, on a release the tests did not run
+    if fast.enabled():
+        ws = fast.DirectWebSocketProtocol.configured(settings.client_max_fragments)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -156,10 +164,7 @@ def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicor
         # A little above the relay's own limit, so oversized frames get an `error` event first.
         "ws_max_size": settings.client_max_message_bytes + 2**20,
         "ws_per_message_deflate": False,
-        # Uvicorn's sans-I/O websockets protocol, delivering the relay's messages by callback
-        # (legs.py). It was 3.2x nginx's CPU per event and 58 KB per session through ASGI's
-        # receive, against 3.9-4.2x and 66-69 KB for uvicorn's legacy protocol (relay_bench.py).
-        "ws": DirectWebSocketProtocol.configured(settings.client_max_fragments),
+        "ws": ws,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
         "proxy_headers": True,
     }
@@ -167,7 +172,7 @@ def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicor
     if "http" not in options:
         # Uvicorn's HTTP protocol with RELAY_MAX_CONNECTIONS and RELAY_HANDSHAKE_TIMEOUT_SECONDS
         # (connections.py): uvicorn alone never times out a connection that sends nothing.
-        options["http"] = connection_protocol(settings)
+        options["http"] = fast.connection_protocol(settings)
     return uvicorn.Config(app, **options)
 
 
@@ -194,7 +199,7 @@ class RelayServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         # What start-up built lives as long as the process: keep it out of the collector's full
-        # passes (37-97 ms ones were seen under load, bench/relay_bench.py with a gc hook).
+        # passes, which took tens of milliseconds under load.
         gc.collect()
         gc.freeze()
 
@@ -232,5 +237,6 @@ def __getattr__(name: str) -> Any:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
         _note_portable_path()
+        fast.warn_if_untested()
         return create_app(settings)
     raise AttributeError(name)

@@ -1,87 +1,68 @@
 """Every Prometheus metric of the relay, defined once, and the per-session meter that feeds them.
 
 Names follow Prometheus' guide under the `realtime_relay` namespace, in base units. Label values
-come from small known sets (tiers and models from the settings, fixed outcome/reason/code sets);
-anything else is reported as `other`. Session ids, keys and addresses are never labels.
-Each app owns its `CollectorRegistry`, so several apps (tests) can live in one process.
+come from small known sets: tiers and models from the settings, the rest from the vocabularies'
+enums (`codes.py`, `errors.py`, `audio.codecs`); anything else is reported as `other`. Session ids,
+keys and addresses are never labels. Each app owns its `CollectorRegistry`, so several apps
+(tests) can live in one process.
+
+A session's events, bytes and audio are tallied in plain ints and reach `/metrics` through a
+custom collector (`TrafficCollector`) at scrape time; everything else is a prometheus-client
+metric updated as it happens.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from app.audio.codecs import InputCodec, OutputCodec, UpstreamFormat
 from app.audio.wire import ClientAudio
+from app.codes import Outcome, RejectionReason
 from app.config import Settings
 from app.core.usage import ALL_KINDS, Kind, per_token_prices, price_lookup, split_usage
+from app.errors import CloseCode, ErrorCode, UpstreamErrorCode
 
+NAMESPACE: Final = "realtime_relay"
 OTHER: Final = "other"
 
-OUTCOMES: Final = frozenset(
-    {
-        "completed",
-        "client_closed",
-        "client_timeout",
-        "limit",
-        "upstream_error",
-        "expired",
-        "idle",
-        "refused",
-        "shutdown",
-        "error",
-    }
-)
-REJECTION_REASONS: Final = frozenset(
-    {"unauthorized", "origin", "model", "limit", "limiter", "upstream", "protocol", "shutdown"}
-)
-# Error codes with a series of their own: the relay's (errors.py), the server's (REALTIME.md §10).
-ERROR_CODES: Final = frozenset(
-    {
-        "invalid_json",
-        "invalid_event",
-        "unknown_event_type",
-        "field_locked",
-        "invalid_audio",
-        "message_too_big",
-        "unauthorized",
-        "origin_not_allowed",
-        "model_not_allowed",
-        "unsupported_protocol",
-        "session_limit_reached",
-        "limiter_unavailable",
-        "upstream_unavailable",
-        "upstream_unauthorized",
-        "upstream_rate_limited",
-        "upstream_refused",
-        "relay_error",
-        "session_expired",
-        "session_idle",
-        "upstream_closed",
-        "upstream_timeout",
-        "client_timeout",
-        "server_shutting_down",
-        "conversation_already_has_active_response",
-        "response_cancel_not_active",
-        "input_audio_buffer_commit_empty",
-        "unknown_parameter",
-        "missing_required_parameter",
-        "invalid_type",
-        "invalid_value",
-        "server_error",
-        "rate_limit_exceeded",
-    }
-)
-CLOSE_CODES: Final = frozenset({"1000", "1001", "1006", "1008", "1009", "1011", "1012", "1013"})
-AUDIO_CODECS: Final = ("pcm16", "g711_ulaw", "g711_alaw", "opus")
+
+class Direction(StrEnum):
+    """The `direction` label of the events, bytes and added-latency metrics."""
+
+    CLIENT_TO_UPSTREAM = "client_to_upstream"
+    UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+
+class AudioDirection(StrEnum):
+    """The `direction` label of `realtime_relay_audio_seconds_total`."""
+
+    IN = "in"  # client to upstream
+    OUT = "out"
+
+
+# Label sets, derived from the vocabularies (`codes.py`, `errors.py`, `audio.codecs`).
+OUTCOMES: Final = frozenset(outcome.value for outcome in Outcome)
+REJECTION_REASONS: Final = frozenset(reason.value for reason in RejectionReason)
+# Error codes with a series of their own: the relay's and the upstream's (REALTIME.md §10).
+ERROR_CODES: Final = frozenset(code.value for code in (*ErrorCode, *UpstreamErrorCode))
+CLOSE_CODES: Final = frozenset(str(code.value) for code in CloseCode)
+AUDIO_CODECS: Final = tuple(dict.fromkeys(codec.value for codec in (*InputCodec, *OutputCodec)))
+DIRECTIONS: Final = tuple(direction.value for direction in Direction)
+AUDIO_DIRECTIONS: Final = tuple(direction.value for direction in AudioDirection)
+# The codec label of the upstream's audio formats (`audio/pcm` and so on, REALTIME.md §11).
 _UPSTREAM_CODECS: Final = {
-    "audio/pcm": "pcm16",
-    "audio/pcmu": "g711_ulaw",
-    "audio/pcma": "g711_alaw",
+    UpstreamFormat.PCM: InputCodec.PCM16,
+    UpstreamFormat.PCMU: InputCodec.G711_ULAW,
+    UpstreamFormat.PCMA: InputCodec.G711_ALAW,
 }
-DIRECTIONS: Final = ("client_to_upstream", "upstream_to_client")
 
 # Bucket bounds per quantity, in seconds.
 ADDED_LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
@@ -93,6 +74,78 @@ TRANSCODE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
 
 def _known(value: str, allowed: Iterable[str]) -> str:
     return value if value in allowed else OTHER
+
+
+def _upstream_codec(audio_format: dict[str, Any]) -> str:
+    """The codec label of an upstream `audio.*.format` (`{"type": "audio/pcmu"}`)."""
+    return _UPSTREAM_CODECS[UpstreamFormat(str(audio_format["type"]).removeprefix("audio/"))].value
+
+
+class TrafficCollector(Collector):
+    """`events_total`, `bytes_total` and `audio_seconds_total`, summed at scrape time.
+
+    Each open session tallies its traffic in plain ints (`SessionMeter`): a counter's `inc` takes
+    a lock, too dear per event on the hot path (docs/design.md, "Metrics off the hot path"). A
+    scrape reports, per label, the totals of the sessions that
+    have ended plus the tallies of those still open; a session's tallies join the totals when it
+    closes, so every series only grows. All series exist at 0 from the start.
+    """
+
+    def __init__(self) -> None:
+        # A scrape may run on another thread (prometheus-client's own servers do): the lock keeps
+        # a closing session from being seen twice or not at all. Events never take it.
+        self._lock = threading.Lock()
+        self._live: set[SessionMeter] = set()
+        self._events = dict.fromkeys(DIRECTIONS, 0)
+        self._bytes = dict.fromkeys(DIRECTIONS, 0)
+        self._audio = {(d, c): 0.0 for d in AUDIO_DIRECTIONS for c in AUDIO_CODECS}
+        self._created = time.time()  # as a `Counter` exposes `_created`
+
+    def open(self, meter: SessionMeter) -> None:
+        """Report `meter`'s tallies from now on."""
+        with self._lock:
+            self._live.add(meter)
+
+    def close(self, meter: SessionMeter) -> bool:
+        """Fold `meter`'s tallies into the totals; False (and nothing done) if it was not open."""
+        with self._lock:
+            if meter not in self._live:
+                return False
+            self._live.remove(meter)
+            meter.tally_into(self._events, self._bytes, self._audio)
+            return True
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples, so the registry refuses a clashing name."""
+        return self._families({}, {}, {})
+
+    def collect(self) -> Iterable[Metric]:
+        """The families with closed sessions' totals plus open sessions' tallies."""
+        with self._lock:
+            events, sizes, audio = dict(self._events), dict(self._bytes), dict(self._audio)
+            for meter in self._live:
+                meter.tally_into(events, sizes, audio)
+        return self._families(events, sizes, audio)
+
+    def _families(
+        self, events: dict[str, int], sizes: dict[str, int], audio: dict[tuple[str, str], float]
+    ) -> list[Metric]:
+        event_family = CounterMetricFamily(
+            f"{NAMESPACE}_events", "Events relayed.", labels=["direction"]
+        )
+        bytes_family = CounterMetricFamily(
+            f"{NAMESPACE}_bytes", "Frame bytes relayed.", labels=["direction"]
+        )
+        audio_family = CounterMetricFamily(
+            f"{NAMESPACE}_audio_seconds", "Seconds of audio relayed.", labels=["direction", "codec"]
+        )
+        for direction, count in events.items():
+            event_family.add_metric([direction], count, created=self._created)
+        for direction, size in sizes.items():
+            bytes_family.add_metric([direction], size, created=self._created)
+        for labels, seconds in audio.items():
+            audio_family.add_metric(labels, seconds, created=self._created)
+        return [event_family, bytes_family, audio_family]
 
 
 class RelayMetrics:
@@ -108,7 +161,7 @@ class RelayMetrics:
             models.add(str(settings.session.transcription.get("model", "")))
         self.models = frozenset(models)
         self.prices = settings.prices
-        ns, reg = "realtime_relay", self.registry
+        ns, reg = NAMESPACE, self.registry
 
         self.sessions_active = Gauge(
             "sessions_active", "Sessions open now.", ["tier", "model"], namespace=ns, registry=reg
@@ -154,16 +207,6 @@ class RelayMetrics:
             "session_duration_seconds", "Length of sessions that reached the upstream.",
             buckets=DURATION_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
-        self.events = Counter(
-            "events", "Events relayed.", ["direction"], namespace=ns, registry=reg
-        )
-        self.bytes = Counter(
-            "bytes", "Frame bytes relayed.", ["direction"], namespace=ns, registry=reg
-        )
-        self.audio_seconds = Counter(
-            "audio_seconds", "Seconds of audio relayed.", ["direction", "codec"],
-            namespace=ns, registry=reg,
-        )  # fmt: skip
         self.errors = Counter(
             "errors", "Error events sent to clients, by source and code.", ["source", "code"],
             namespace=ns, registry=reg,
@@ -178,17 +221,12 @@ class RelayMetrics:
         )  # fmt: skip
         self._usage: dict[tuple[str, str], tuple[dict[Kind, Counter], dict[Kind, float] | None]]
         self._usage = {}
-        self.live: set[SessionMeter] = set()  # open sessions, whose tallies a scrape flushes
+        self.traffic = TrafficCollector()
+        reg.register(self.traffic)
         self._create_series()
-
-    def flush(self) -> None:
-        """Bring the counters up to date with what open sessions have tallied."""
-        for meter in list(self.live):
-            meter.flush()
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format, for `/metrics`."""
-        self.flush()
         return generate_latest(self.registry)
 
     def _create_series(self) -> None:
@@ -196,12 +234,7 @@ class RelayMetrics:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(tier, reason)
         for direction in DIRECTIONS:
-            self.events.labels(direction)
-            self.bytes.labels(direction)
             self.added_latency.labels(direction)
-        for direction in ("in", "out"):
-            for codec in AUDIO_CODECS:
-                self.audio_seconds.labels(direction, codec)
 
     def tier_label(self, tier: str) -> str:
         return _known(tier, self.tiers)
@@ -214,7 +247,12 @@ class RelayMetrics:
         self.rejections.labels(self.tier_label(tier), _known(reason, REJECTION_REASONS)).inc()
 
     def error(self, source: str, code: str) -> None:
+        """Count an `error` event sent to a client; `source` is `relay` or `upstream`."""
         self.errors.labels(source, _known(code, ERROR_CODES)).inc()
+
+    def relay_error(self, code: str) -> None:
+        """Count an `error` event the relay itself sent."""
+        self.error("relay", code)
 
     def upstream_closed(self, code: int | None) -> None:
         self.upstream_closes.labels(_known(str(code), CLOSE_CODES)).inc()
@@ -248,14 +286,13 @@ class SessionMeter:
     """
 
     __slots__ = (
-        "_metrics", "tier", "model", "_events_in", "_events_out", "_bytes_in", "_bytes_out",
-        "_latency_in", "_latency_out", "_audio_in", "_audio_out", "_turn", "_first_audio",
+        "_metrics", "tier", "model", "_latency_in", "_latency_out", "_turn", "_first_audio",
         "_speech_end", "_response_requested", "_input_bytes_per_second", "_tokens", "_cost",
         "_prices", "_started", "_output_bytes_per_second",
-        "_transcription_model", "_decoder", "_samples_in", "_binary_in", "_decode", "_encode",
-        "_decoder_rate", "last_activity",
-        "_n_in", "_bytes_in_tally", "_audio_in_tally", "_n_out", "_bytes_out_tally",
-        "_audio_out_tally",
+        "_transcription_model", "_decoder", "_decode", "_encode", "_decoder_rate",
+        "_audio_in_key", "_binary_in_key", "_audio_out_key",
+        "_n_in", "_bytes_in_tally", "_audio_in_tally", "_samples_in", "_n_out",
+        "_bytes_out_tally", "_audio_out_tally",
     )  # fmt: skip
 
     def __init__(
@@ -268,22 +305,19 @@ class SessionMeter:
     ) -> None:
         self._metrics = metrics
         self.tier, self.model = tier, model
-        self._events_in = metrics.events.labels(DIRECTIONS[0])
-        self._events_out = metrics.events.labels(DIRECTIONS[1])
-        self._bytes_in = metrics.bytes.labels(DIRECTIONS[0])
-        self._bytes_out = metrics.bytes.labels(DIRECTIONS[1])
-        self._latency_in = metrics.added_latency.labels(DIRECTIONS[0])
-        self._latency_out = metrics.added_latency.labels(DIRECTIONS[1])
+        self._latency_in = metrics.added_latency.labels(Direction.CLIENT_TO_UPSTREAM)
+        self._latency_out = metrics.added_latency.labels(Direction.UPSTREAM_TO_CLIENT)
         options = audio.options
-        upstream_in = _UPSTREAM_CODECS[options.input_format["type"]]
-        upstream_out = _UPSTREAM_CODECS[options.output_format["type"]]
+        upstream_in = _upstream_codec(options.input_format)
+        upstream_out = _upstream_codec(options.output_format)
         client_out = upstream_out if options.output_codec == "json" else options.output_codec
-        self._audio_in = metrics.audio_seconds.labels("in", upstream_in)
-        self._binary_in = metrics.audio_seconds.labels("in", options.input_codec)
-        self._audio_out = metrics.audio_seconds.labels("out", client_out)
+        # The `audio_seconds_total` labels of base64 input audio, of binary input frames (by the
+        # client's codec) and of output audio as the client receives it.
+        self._audio_in_key = (AudioDirection.IN.value, upstream_in)
+        self._binary_in_key = (AudioDirection.IN.value, _known(options.input_codec, AUDIO_CODECS))
+        self._audio_out_key = (AudioDirection.OUT.value, _known(client_out, AUDIO_CODECS))
         self._decoder = audio.decoder
         self._decoder_rate = 24_000 if options.input_format["type"] == "audio/pcm" else 8_000
-        self._samples_in = 0
         self._decode = metrics.transcode.labels("decode_" + options.input_codec)
         self._encode = metrics.transcode.labels("encode_" + options.output_codec)
         self._turn = metrics.turn_latency.labels(tier, model)
@@ -295,16 +329,12 @@ class SessionMeter:
         self._tokens, self._prices = metrics.usage_counters(tier, model)
         self._cost = metrics.cost.labels(tier, model)
         self._started = time.monotonic()
-        # perf_counter of the last sign of conversation: a client event other than audio, or
-        # speech detected upstream. The session's idle timeout reads it.
-        self.last_activity = time.perf_counter()
-        # Events, bytes and base64 audio characters are tallied here and added to their counters
-        # at each scrape and at the end (`flush`): a counter's `inc` takes a lock, and three per
-        # event were about 1 us of the relay's 22 us per event (bench/relay_bench.py, N=200).
-        self._n_in = self._bytes_in_tally = self._audio_in_tally = 0
+        # Events, bytes, base64 audio characters and decoded samples are tallied in plain ints;
+        # `TrafficCollector` reads them at each scrape and folds them into its totals at `close`.
+        self._n_in = self._bytes_in_tally = self._audio_in_tally = self._samples_in = 0
         self._n_out = self._bytes_out_tally = self._audio_out_tally = 0
         metrics.sessions_active.labels(tier, model).inc()
-        metrics.live.add(self)
+        metrics.traffic.open(self)
 
     def client_event(self, event_type: str, event: dict[str, Any], size: int, start: float) -> None:
         """Count a client event forwarded upstream; `start` is its `perf_counter` arrival."""
@@ -314,12 +344,10 @@ class SessionMeter:
             audio = event.get("audio")
             if isinstance(audio, str):
                 self._audio_in_tally += len(audio)
-        else:
-            self.last_activity = start
-            if event_type == "input_audio_buffer.commit":
-                self._speech_end = start
-            elif event_type == "response.create":
-                self._response_requested = start
+        elif event_type == "input_audio_buffer.commit":
+            self._speech_end = start
+        elif event_type == "response.create":
+            self._response_requested = start
         self._latency_in.observe(time.perf_counter() - start)
 
     def client_audio(self, size: int, start: float, decoded: float) -> None:
@@ -327,9 +355,7 @@ class SessionMeter:
         self._n_in += 1
         self._bytes_in_tally += size
         self._decode.observe(decoded - start)
-        samples = self._decoder.samples
-        self._binary_in.inc((samples - self._samples_in) / self._decoder_rate)
-        self._samples_in = samples
+        self._samples_in = self._decoder.samples
         self._latency_in.observe(time.perf_counter() - start)
 
     def transcoded(self, seconds: float) -> None:
@@ -353,8 +379,6 @@ class SessionMeter:
                 self._response_requested = None
         elif event_type == "input_audio_buffer.speech_stopped":
             self._speech_end = start
-        elif event_type == "input_audio_buffer.speech_started":
-            self.last_activity = start
         elif event is not None:
             self._parsed_event(event_type, event)
         self._latency_out.observe(now - start)
@@ -401,27 +425,32 @@ class SessionMeter:
         counters, prices = self._metrics.usage_counters(self.tier, model)
         self.count_usage(usage, model, counters, prices)
 
-    def flush(self) -> None:
-        """Add the tallied events, bytes and audio to their counters."""
-        if self._n_in:
-            self._events_in.inc(self._n_in)
-            self._bytes_in.inc(self._bytes_in_tally)
-            if self._audio_in_tally:
-                self._audio_in.inc(self._audio_in_tally * 3 / 4 / self._input_bytes_per_second)
-            self._n_in = self._bytes_in_tally = self._audio_in_tally = 0
-        if self._n_out:
-            self._events_out.inc(self._n_out)
-            self._bytes_out.inc(self._bytes_out_tally)
-            if self._audio_out_tally:
-                seconds = self._audio_out_tally * 3 / 4 / self._output_bytes_per_second
-                self._audio_out.inc(seconds)
-            self._n_out = self._bytes_out_tally = self._audio_out_tally = 0
+    def tally_into(
+        self, events: dict[str, int], sizes: dict[str, int], audio: dict[tuple[str, str], float]
+    ) -> None:
+        """Add this session's tallies to per-label sums (`TrafficCollector`'s)."""
+        inbound, outbound = Direction.CLIENT_TO_UPSTREAM.value, Direction.UPSTREAM_TO_CLIENT.value
+        events[inbound] = events.get(inbound, 0) + self._n_in
+        events[outbound] = events.get(outbound, 0) + self._n_out
+        sizes[inbound] = sizes.get(inbound, 0) + self._bytes_in_tally
+        sizes[outbound] = sizes.get(outbound, 0) + self._bytes_out_tally
+        # Base64 carries 3 bytes in 4 characters.
+        for key, seconds in (
+            (self._audio_in_key, self._audio_in_tally * 3 / 4 / self._input_bytes_per_second),
+            (self._binary_in_key, self._samples_in / self._decoder_rate),
+            (self._audio_out_key, self._audio_out_tally * 3 / 4 / self._output_bytes_per_second),
+        ):
+            if seconds:
+                audio[key] = audio.get(key, 0.0) + seconds
 
     def close(self, outcome: str) -> None:
-        """Record the end of the session."""
-        self.flush()
+        """Record the end of the session; its tallies join the closed sessions' totals.
+
+        A second call does nothing, so the session is counted once.
+        """
         metrics = self._metrics
-        metrics.live.discard(self)
+        if not metrics.traffic.close(self):
+            return
         metrics.sessions_active.labels(self.tier, self.model).dec()
         metrics.sessions.labels(self.tier, self.model, _known(outcome, OUTCOMES)).inc()
         metrics.session_duration.observe(time.monotonic() - self._started)

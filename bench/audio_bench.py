@@ -2,7 +2,10 @@
 
 Run: ``python bench/audio_bench.py`` (about 30 s). Throughput is seconds of audio processed per CPU
 second (``time.process_time``), on espeak-ng speech. PyAV's own Opus path is measured alongside as
-the alternative that app.audio.codecs's ctypes binding to libopus was chosen over.
+the alternative that app.audio.codecs's ctypes binding to the system libopus was chosen over. PyAV
+(FFmpeg, with its own libopus) is the reference codec here and in the tests only: it is in the dev
+extra, not a dependency of the relay. The wheel's libopus may be a newer release than the
+system's that the relay uses.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ import wave
 from collections.abc import Callable
 from pathlib import Path
 
-import av
 import numpy as np
 import soxr
+
+try:
+    import av
+except ImportError:
+    sys.exit("PyAV is needed for the reference codecs: pip install -e '.[dev]'")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -85,6 +92,8 @@ def row(name: str, value: float, unit: str = "x realtime") -> None:
 
 
 def main() -> None:
+    if not audio.opus_available():
+        sys.exit("libopus is needed: apt-get install libopus0")
     print(f"python {platform.python_version()}, PyAV {av.__version__}, soxr {soxr.__version__}")
     print(f"codecs use {audio.opus_version()}; CPU: {platform.processor() or platform.machine()}")
     pcm = {rate: speech(rate) for rate in (8000, 16000, 24000, 48000)}

@@ -27,7 +27,8 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.config import Settings
-from app.limits.leases import Cap, RedisLimiter
+from app.limits.leases import Cap
+from app.limits.redis import RedisLimiter
 from app.local_upstream import LocalUpstream
 from app.main import create_app, server_config
 from tests.redis_server import RedisServer

@@ -34,6 +34,8 @@ install_system_packages() {
   exit 1
 }
 "$python" -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# Opus audio: the relay loads the system's libopus when a client first asks for Opus.
+ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0' || need_apt+=(libopus0)
 
 if [ "$mode" = test ]; then
   want redis-server redis-server

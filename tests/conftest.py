@@ -6,9 +6,7 @@ import asyncio
 import os
 import socket
 import sys
-from asyncio.subprocess import Process
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -20,10 +18,8 @@ from app.config import Settings
 from app.local_upstream import LocalUpstream
 from app.main import create_app, server_config
 from tests.audio_tools import resample, speech_wav
+from tests.helpers import START_TIMEOUT, UPSTREAM_KEY, RelayProcess, RelayServer, relay_settings
 from tests.redis_server import RedisServer
-
-UPSTREAM_KEY = "sk-test-upstream-0123456789"
-START_TIMEOUT = 10.0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,36 +32,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class _OnLoopback:
-    port: int
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@dataclass
-class RelayServer(_OnLoopback):
-    """A relay served by uvicorn on 127.0.0.1, and the app behind it."""
-
-    server: uvicorn.Server
-    port: int
-    app: Any
-
-    @property
-    def relay(self) -> Any:
-        return self.app.state.relay
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        self.relay.metrics.flush()  # as a scrape does
-        value = self.relay.metrics.registry.get_sample_value(name, labels or {})
-        return 0.0 if value is None else float(value)
 
 
 @pytest.fixture
@@ -88,13 +54,6 @@ async def upstream_factory() -> AsyncIterator[Callable[..., Awaitable[LocalUpstr
 @pytest.fixture
 async def upstream(upstream_factory: Callable[..., Awaitable[LocalUpstream]]) -> LocalUpstream:
     return await upstream_factory()
-
-
-def relay_settings(upstream_url: str, **overrides: Any) -> Settings:
-    """Settings for a relay in front of `upstream_url`, as a test would write them."""
-    upstream = {"url": upstream_url, "connect_timeout_seconds": 5.0, "close_timeout_seconds": 2.0}
-    upstream.update(overrides.pop("upstream", {}))
-    return Settings(openai_api_key=UPSTREAM_KEY, upstream=upstream, **overrides)
 
 
 @pytest.fixture
@@ -134,18 +93,6 @@ async def relay(
     relay_factory: Callable[[Settings], Awaitable[RelayServer]], upstream: LocalUpstream
 ) -> RelayServer:
     return await relay_factory(relay_settings(upstream.url))
-
-
-@dataclass
-class RelayProcess(_OnLoopback):
-    """A relay run as `python -m app` in a subprocess, for signal and multi-replica tests."""
-
-    process: Process
-    port: int
-
-    async def exit_code(self) -> int:
-        async with asyncio.timeout(START_TIMEOUT):
-            return await self.process.wait()
 
 
 def _free_port() -> int:

@@ -1,19 +1,32 @@
-"""Helpers the tests share: audio, settings, waiting for events and closes, scripted upstreams."""
+"""Helpers the tests share: audio, settings, waiting for events and closes, scripted upstreams,
+credentials for the auth tests, and a relay run as a subprocess."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
+import os
+import signal
 import socket
 import struct
+import sys
+import time
+from asyncio.subprocess import Process
+from dataclasses import dataclass
+from typing import Any
 
+import httpx
+import jwt
+import uvicorn
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import relay_settings
+from app.config import Settings
 
+UPSTREAM_KEY = "sk-test-upstream-0123456789"
 CLIENT_KEY = "client-key-for-tests-1"
 TOOL = {
     "type": "function",
@@ -23,6 +36,55 @@ TOOL = {
 }
 SERVER_INSTRUCTIONS = "SERVER INSTRUCTIONS: be brief"
 WAIT = 10.0
+START_TIMEOUT = 10.0
+
+
+def relay_settings(upstream_url: str, **overrides: Any) -> Settings:
+    """Settings for a relay in front of `upstream_url`, as a test would write them."""
+    upstream = {"url": upstream_url, "connect_timeout_seconds": 5.0, "close_timeout_seconds": 2.0}
+    upstream.update(overrides.pop("upstream", {}))
+    return Settings(openai_api_key=UPSTREAM_KEY, upstream=upstream, **overrides)
+
+
+class _OnLoopback:
+    port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class RelayServer(_OnLoopback):
+    """A relay served by uvicorn on 127.0.0.1, and the app behind it."""
+
+    server: uvicorn.Server
+    port: int
+    app: Any
+
+    @property
+    def relay(self) -> Any:
+        return self.app.state.relay
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        value = self.relay.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else float(value)
+
+
+@dataclass
+class RelayProcess(_OnLoopback):
+    """A relay run as `python -m app` in a subprocess, for signal and multi-replica tests."""
+
+    process: Process
+    port: int
+
+    async def exit_code(self) -> int:
+        async with asyncio.timeout(START_TIMEOUT):
+            return await self.process.wait()
 
 
 def tone(ms: int, freq: float = 300.0, amplitude: float = 8000.0) -> bytes:
@@ -109,3 +171,113 @@ async def until_closed(ws) -> list[dict]:
                 events.append(json.loads(await ws.recv()))
         except ConnectionClosed:
             return events
+
+
+# Credentials for the auth tests: a plaintext key, a key configured by its hash, and secrets.
+
+PRO_KEY = "ck-test-pro-0123456789abcdef"
+FREE_KEY = "ck-test-free-0123456789abcdef"
+JWT_SECRET = "jwt-secret-for-tests-0123456789-abcdef"
+TOKEN_SECRET = "token-secret-for-tests-0123456789-abcdef"
+AUTH_TIERS = {"pro": {"models": ["gpt-realtime", "gpt-realtime-mini"]}, "free": {}, "default": {}}
+
+
+def auth_settings(**overrides: Any) -> Settings:
+    """Settings with `AUTH_TIERS`, `PRO_KEY` (plaintext), `FREE_KEY` (as its hash) and
+    `TOKEN_SECRET`, and `overrides`."""
+    options: dict[str, Any] = {
+        "openai_api_key": "sk-test",
+        "tiers": AUTH_TIERS,
+        "client_keys": {
+            PRO_KEY: "pro",
+            "sha256:" + hashlib.sha256(FREE_KEY.encode()).hexdigest(): "free",
+        },
+        "token_secret": TOKEN_SECRET,
+    }
+    options.update(overrides)
+    return Settings(**options)
+
+
+def hs256(claims: dict[str, Any], secret: str = JWT_SECRET) -> str:
+    """An app JWT: `claims` signed with HS256."""
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def jwt_claims(**overrides: Any) -> dict[str, Any]:
+    """An app JWT's claims (``sub``, ``tier`` pro, ``exp`` in a minute); None drops a claim."""
+    values: dict[str, Any] = {"sub": "user-42", "tier": "pro", "exp": int(time.time()) + 60}
+    values.update(overrides)
+    return {key: value for key, value in values.items() if value is not None}
+
+
+# A relay run as a subprocess, with its log captured.
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class CapturedRelay:
+    """A relay subprocess whose stderr is read as it is written (a full pipe would block it)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.output = bytearray()
+        assert process.stderr is not None
+        self._reader = asyncio.create_task(self._read(process.stderr))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            self.output += chunk
+
+    async def stop(self) -> str:
+        """Stop at once (SIGINT), and return everything it logged."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(WAIT):
+                await self.process.wait()
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        async with asyncio.timeout(WAIT):
+            await self._reader
+        return self.output.decode(errors="replace")
+
+
+async def start_relay(
+    command: str, upstream_url: str, level: str, *options: str, **variables: str
+) -> CapturedRelay:
+    """The relay as `python -m app` or as `uvicorn app.main:app` (with uvicorn's `options`),
+    logging at `level`, with `variables` added to the environment; returns once it is healthy."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": UPSTREAM_KEY,
+        "RELAY_UPSTREAM__URL": upstream_url,
+        "RELAY_PORT": str(port),
+        "RELAY_LOG_LEVEL": level,
+        "RELAY_DRAIN_SECONDS": "0",
+        **variables,
+    }
+    if command == "python -m app":
+        args = ["-m", "app"]
+    else:  # uvicorn's own CLI, with its stock WebSocket protocol; --log-level reaches websockets
+        args = ["-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", level.lower()]
+        args.extend(options)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args, env=env, stderr=asyncio.subprocess.PIPE
+    )
+    relay = CapturedRelay(process, port)
+    async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
+        while True:
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                    return relay
+            except httpx.TransportError:
+                pass
+            assert process.returncode is None, await relay.stop()
+            await asyncio.sleep(0.05)

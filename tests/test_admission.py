@@ -12,7 +12,7 @@ import redis.asyncio as redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import relay_settings
+from tests.helpers import relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 

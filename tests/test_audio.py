@@ -1,25 +1,44 @@
-"""Tests for app.audio.codecs: real codecs on synthetic speech, no mocks."""
+"""Tests for app.audio.codecs: real codecs on synthetic speech; the only stand-in is a libopus
+search that finds nothing, for a server without libopus."""
 
 from __future__ import annotations
 
+import ctypes.util
+import logging
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import soxr
 
+from app.audio import codecs
 from app.audio.codecs import (
     FRAME_SAMPLES,
     AudioError,
+    OpusUnavailableError,
     alaw_decode,
     alaw_encode,
     make_decoder,
     make_encoder,
+    opus_available,
+    opus_version,
     ulaw_decode,
     ulaw_encode,
 )
 from tests.audio_tools import envelope_r, opus_decode, opus_packets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_libopus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process as on a server without libopus: a fresh loader whose search finds nothing."""
+    monkeypatch.setattr(codecs, "_LIBOPUS", codecs._LibOpus(names=("libopus-absent.so.0",)))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
 
 
 def _uneven_chunks(data: bytes, sample_bytes: int = 2) -> Iterator[bytes]:
@@ -234,3 +253,54 @@ def test_bad_opus_packet_leaves_decoder_state_intact(speech):
         got.append(hit.decode(packet))
     assert got == expected
     assert any(np.frombuffer(b"".join(got), "<i2") != 0)
+
+
+def test_libopus_is_loaded_by_the_first_opus_codec_not_at_import():
+    """Importing the codecs (and using PCM and G.711) maps no libopus; the first Opus codec does."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc/self/maps (Linux) to see which libraries a process loaded")
+    script = """
+import sys
+
+def libopus_loaded():
+    with open("/proc/self/maps") as maps:
+        return any("libopus" in line for line in maps)
+
+import app.audio.codecs as codecs
+codecs.make_decoder("pcm16", 48000).decode(bytes(960))
+codecs.make_decoder("g711_ulaw", 8000).decode(bytes(160))
+codecs.make_encoder("pcm16").encode(bytes(960))
+print(libopus_loaded(), "av" in sys.modules)
+codecs.make_encoder("opus").encode(bytes(960))
+print(libopus_loaded(), "av" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["False False", "True False"]
+
+
+def test_opus_uses_the_system_libopus():
+    """Opus codecs run on the system libopus, found by its soname."""
+    assert opus_available()
+    assert opus_version().startswith("libopus ")
+
+
+def test_without_libopus_opus_is_refused_and_the_rest_works(no_libopus, caplog):
+    """No libopus: Opus codecs raise an `AudioError` (logged once); PCM16 and G.711 still work."""
+    caplog.set_level(logging.WARNING, logger=codecs.__name__)
+    assert not opus_available()
+    for _ in range(2):
+        with pytest.raises(OpusUnavailableError, match="Opus is not available") as refused:
+            make_decoder("opus", 48000)
+        assert isinstance(refused.value, AudioError)
+        with pytest.raises(OpusUnavailableError):
+            make_encoder("opus")
+    with pytest.raises(OpusUnavailableError):
+        opus_version()
+    (warning,) = [r.getMessage() for r in caplog.records if "libopus" in r.getMessage()]
+    assert "libopus0" in warning
+    assert make_decoder("pcm16", 24000).decode(bytes(960)) == bytes(960)
+    assert make_decoder("g711_ulaw", 8000, "pcmu").decode(b"\xff" * 160) == b"\xff" * 160
+    assert make_encoder("pcm16").encode(bytes(960)) == [bytes(960)]

@@ -13,49 +13,22 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from app.auth.credentials import (
-    ANONYMOUS,
-    EK_AUDIENCE,
-    Authenticator,
-    CredentialKind,
-    Identity,
-    check_origin,
-    credential_from,
-)
-from app.config import ConfigError, Settings
+from app.auth.credentials import ANONYMOUS, Authenticator, CredentialKind, Identity, credential_from
+from app.auth.origin import check_origin
+from app.auth.tokens import EK_AUDIENCE
+from app.config import ConfigError
 from app.errors import OriginNotAllowedError, UnauthorizedError
+from tests.helpers import (
+    FREE_KEY,
+    JWT_SECRET,
+    PRO_KEY,
+    TOKEN_SECRET,
+    auth_settings,
+    hs256,
+    jwt_claims,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-KEY = "ck-test-pro-0123456789abcdef"
-FREE_KEY = "ck-test-free-0123456789abcdef"
-JWT_SECRET = "jwt-secret-for-tests-0123456789-abcdef"
-TOKEN_SECRET = "token-secret-for-tests-0123456789-abcdef"
-TIERS = {"pro": {"models": ["gpt-realtime", "gpt-realtime-mini"]}, "free": {}, "default": {}}
-
-
-def settings(**overrides: Any) -> Settings:
-    options: dict[str, Any] = {
-        "openai_api_key": "sk-test",
-        "tiers": TIERS,
-        "client_keys": {
-            KEY: "pro",
-            "sha256:" + hashlib.sha256(FREE_KEY.encode()).hexdigest(): "free",
-        },
-        "token_secret": TOKEN_SECRET,
-    }
-    options.update(overrides)
-    return Settings(**options)
-
-
-def hs256(claims: dict[str, Any], secret: str = JWT_SECRET) -> str:
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def claims(**overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {"sub": "user-42", "tier": "pro", "exp": int(time.time()) + 60}
-    values.update(overrides)
-    return {key: value for key, value in values.items() if value is not None}
 
 
 def public_pem(private_key: Any) -> str:
@@ -68,7 +41,7 @@ def public_pem(private_key: Any) -> str:
 
 @pytest.fixture
 def auth() -> Authenticator:
-    return Authenticator(settings(jwt={"secret": JWT_SECRET}))
+    return Authenticator(auth_settings(jwt={"secret": JWT_SECRET}))
 
 
 # Client keys
@@ -76,13 +49,13 @@ def auth() -> Authenticator:
 
 def test_plain_and_hashed_keys_map_to_their_tiers(auth: Authenticator) -> None:
     """A plaintext key and a `sha256:` key each authenticate to their tier with a key-derived id."""
-    pro = auth.authenticate(KEY)
+    pro = auth.authenticate(PRO_KEY)
     assert (pro.tier, pro.kind) == ("pro", CredentialKind.KEY)
-    assert pro.client_id == "key:" + hashlib.sha256(KEY.encode()).hexdigest()[:16]
+    assert pro.client_id == "key:" + hashlib.sha256(PRO_KEY.encode()).hexdigest()[:16]
     free = auth.authenticate(FREE_KEY)
     assert free.tier == "free"
     assert free.client_id == "key:" + hashlib.sha256(FREE_KEY.encode()).hexdigest()[:16]
-    assert KEY not in pro.client_id
+    assert PRO_KEY not in pro.client_id
 
 
 def test_unknown_key_is_unauthorized(auth: Authenticator) -> None:
@@ -95,11 +68,11 @@ def test_unknown_key_is_unauthorized(auth: Authenticator) -> None:
 
 def test_no_credential_gets_the_anonymous_tier_or_is_refused() -> None:
     """No credential means the anonymous tier, or a refusal where there is none."""
-    assert Authenticator(settings()).authenticate(None) == Identity(
+    assert Authenticator(auth_settings()).authenticate(None) == Identity(
         "default", ANONYMOUS, CredentialKind.ANONYMOUS
     )
     with pytest.raises(UnauthorizedError):
-        Authenticator(settings(anonymous_tier="")).authenticate(None)
+        Authenticator(auth_settings(anonymous_tier="")).authenticate(None)
 
 
 def test_credential_from_header_and_subprotocol() -> None:
@@ -114,33 +87,37 @@ def test_credential_from_header_and_subprotocol() -> None:
 
 def test_jwt_valid(auth: Authenticator) -> None:
     """An HS256 JWT with `sub`, `exp` and a known tier authenticates as `sub:<sub>`."""
-    identity = auth.authenticate(hs256(claims()))
+    identity = auth.authenticate(hs256(jwt_claims()))
     assert identity == Identity("pro", "sub:user-42", CredentialKind.JWT)
 
 
 def test_jwt_expired(auth: Authenticator) -> None:
     """An expired JWT (past the leeway) is refused as expired."""
     with pytest.raises(UnauthorizedError, match="expired"):
-        auth.authenticate(hs256(claims(exp=int(time.time()) - 60)))
+        auth.authenticate(hs256(jwt_claims(exp=int(time.time()) - 60)))
 
 
 def test_jwt_wrong_signature(auth: Authenticator) -> None:
     """A JWT signed with another secret is refused."""
     with pytest.raises(UnauthorizedError, match="invalid token"):
-        auth.authenticate(hs256(claims(), secret="another-secret-0123456789-0123456789"))
+        auth.authenticate(hs256(jwt_claims(), secret="another-secret-0123456789-0123456789"))
 
 
 def test_jwt_unknown_or_missing_tier(auth: Authenticator) -> None:
     """A JWT naming a tier the relay does not serve, or no tier at all, is refused."""
     with pytest.raises(UnauthorizedError, match="tier"):
-        auth.authenticate(hs256(claims(tier="platinum")))
+        auth.authenticate(hs256(jwt_claims(tier="platinum")))
     with pytest.raises(UnauthorizedError, match="'tier' claim"):
-        auth.authenticate(hs256(claims(tier=None)))
+        auth.authenticate(hs256(jwt_claims(tier=None)))
 
 
 def test_jwt_requires_exp_and_sub(auth: Authenticator) -> None:
     """A JWT without `exp` or without `sub` is refused."""
-    for token in (hs256(claims(exp=None)), hs256(claims(sub=None)), hs256(claims(sub=""))):
+    for token in (
+        hs256(jwt_claims(exp=None)),
+        hs256(jwt_claims(sub=None)),
+        hs256(jwt_claims(sub="")),
+    ):
         with pytest.raises(UnauthorizedError):
             auth.authenticate(token)
 
@@ -148,13 +125,17 @@ def test_jwt_requires_exp_and_sub(auth: Authenticator) -> None:
 def test_jwt_custom_claim_audience_and_issuer() -> None:
     """The tier claim's name, the audience and the issuer come from the settings."""
     auth = Authenticator(
-        settings(
+        auth_settings(
             jwt={"secret": JWT_SECRET, "tier_claim": "plan", "audience": "relay", "issuer": "app"}
         )
     )
-    good = claims(tier=None, plan="free", aud="relay", iss="app")
+    good = jwt_claims(tier=None, plan="free", aud="relay", iss="app")
     assert auth.authenticate(hs256(good)).tier == "free"
-    for bad in ({**good, "aud": "other"}, {**good, "iss": "other"}, claims(tier=None, plan="free")):
+    for bad in (
+        {**good, "aud": "other"},
+        {**good, "iss": "other"},
+        jwt_claims(tier=None, plan="free"),
+    ):
         with pytest.raises(UnauthorizedError):
             auth.authenticate(hs256(bad))
 
@@ -164,28 +145,30 @@ def test_jwt_rs256_and_es256_with_public_keys() -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())
     rsa_auth = Authenticator(
-        settings(jwt={"public_key": public_pem(rsa_key), "algorithms": ["RS256"]})
+        auth_settings(jwt={"public_key": public_pem(rsa_key), "algorithms": ["RS256"]})
     )
     ec_auth = Authenticator(
-        settings(jwt={"public_key": public_pem(ec_key), "algorithms": ["ES256"]})
+        auth_settings(jwt={"public_key": public_pem(ec_key), "algorithms": ["ES256"]})
     )
-    rs_token = jwt.encode(claims(), rsa_key, algorithm="RS256")
-    es_token = jwt.encode(claims(), ec_key, algorithm="ES256")
+    rs_token = jwt.encode(jwt_claims(), rsa_key, algorithm="RS256")
+    es_token = jwt.encode(jwt_claims(), ec_key, algorithm="ES256")
     assert rsa_auth.authenticate(rs_token).client_id == "sub:user-42"
     assert ec_auth.authenticate(es_token).client_id == "sub:user-42"
     with pytest.raises(UnauthorizedError):
         rsa_auth.authenticate(es_token)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     with pytest.raises(UnauthorizedError):
-        rsa_auth.authenticate(jwt.encode(claims(), other, algorithm="RS256"))
+        rsa_auth.authenticate(jwt.encode(jwt_claims(), other, algorithm="RS256"))
 
 
 def test_jwt_algorithm_confusion_is_refused() -> None:
     """An HS256 token 'signed' with the public key as secret is refused when only RS256 is on."""
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = public_pem(rsa_key)
-    auth = Authenticator(settings(jwt={"public_key": pem, "algorithms": ["RS256", "HS256"]}))
-    forged = jwt.api_jws.PyJWS().encode(json.dumps(claims()).encode(), b"x" * 32, algorithm="HS256")
+    auth = Authenticator(auth_settings(jwt={"public_key": pem, "algorithms": ["RS256", "HS256"]}))
+    forged = jwt.api_jws.PyJWS().encode(
+        json.dumps(jwt_claims()).encode(), b"x" * 32, algorithm="HS256"
+    )
     with pytest.raises(UnauthorizedError):
         auth.authenticate(forged)
 
@@ -193,12 +176,12 @@ def test_jwt_algorithm_confusion_is_refused() -> None:
 def test_bad_jwt_configuration_fails_at_startup() -> None:
     """A short HS256 secret or an unusable public key is a configuration error."""
     with pytest.raises(ConfigError, match="RELAY_JWT__SECRET"):
-        Authenticator(settings(jwt={"secret": "short"}))
+        Authenticator(auth_settings(jwt={"secret": "short"}))
     with pytest.raises(ConfigError, match="RELAY_JWT__PUBLIC_KEY"):
-        Authenticator(settings(jwt={"public_key": "not a key", "algorithms": ["RS256"]}))
+        Authenticator(auth_settings(jwt={"public_key": "not a key", "algorithms": ["RS256"]}))
     ec_pem = public_pem(ec.generate_private_key(ec.SECP256R1()))
     with pytest.raises(ConfigError, match="fits none"):
-        Authenticator(settings(jwt={"public_key": ec_pem, "algorithms": ["RS256"]}))
+        Authenticator(auth_settings(jwt={"public_key": ec_pem, "algorithms": ["RS256"]}))
 
 
 # Minted tokens
@@ -207,18 +190,18 @@ def test_bad_jwt_configuration_fails_at_startup() -> None:
 def test_minted_token_authenticates_as_its_client(auth: Authenticator) -> None:
     """A minted `ek_` token authenticates to the minting client's tier and id, on any replica
     that shares the token secret."""
-    owner = auth.authenticate(KEY)
+    owner = auth.authenticate(PRO_KEY)
     token, expires_at = auth.mint(owner)
     assert token.startswith("ek_")
     assert time.time() + 590 < expires_at <= time.time() + 600
-    replica = Authenticator(settings())
+    replica = Authenticator(auth_settings())
     assert replica.authenticate(token) == Identity("pro", owner.client_id, CredentialKind.MINTED)
 
 
 def test_minted_token_is_a_jws_with_its_own_audience(auth: Authenticator) -> None:
     """An `ek_` token is `ek_` + an HS256 JWS whose claims name the client, tier, lifetime, an id
     and the ek audience, and no model unless it was minted for one."""
-    owner = auth.authenticate(KEY)
+    owner = auth.authenticate(PRO_KEY)
     token, expires_at = auth.mint(owner, 60)
     assert jwt.get_unverified_header(token[3:])["alg"] == "HS256"
     body = jwt.decode(token[3:], options={"verify_signature": False})
@@ -232,19 +215,19 @@ def test_minted_token_is_a_jws_with_its_own_audience(auth: Authenticator) -> Non
 
 def test_minted_token_carries_its_model(auth: Authenticator) -> None:
     """A token minted for a model authenticates to an identity bound to that model."""
-    token, _ = auth.mint(auth.authenticate(KEY), model="gpt-realtime-mini")
+    token, _ = auth.mint(auth.authenticate(PRO_KEY), model="gpt-realtime-mini")
     identity = auth.authenticate(token)
     assert (identity.kind, identity.model) == (CredentialKind.MINTED, "gpt-realtime-mini")
-    assert auth.authenticate(auth.mint(auth.authenticate(KEY))[0]).model is None
+    assert auth.authenticate(auth.mint(auth.authenticate(PRO_KEY))[0]).model is None
 
 
 def test_mint_lifetime_is_openais_range_capped_by_the_setting(auth: Authenticator) -> None:
     """`mint` takes 10-7200 s, as OpenAI does, capped at `token_ttl_seconds`."""
-    owner = auth.authenticate(KEY)
+    owner = auth.authenticate(PRO_KEY)
     now = time.time()
     assert auth.mint(owner, 10, now=now)[1] == int(now) + 10
     assert auth.mint(owner, 7200, now=now)[1] == int(now) + 600
-    long_lived = Authenticator(settings(token_ttl_seconds=7200))
+    long_lived = Authenticator(auth_settings(token_ttl_seconds=7200))
     assert long_lived.mint(owner, 7200, now=now)[1] == int(now) + 7200
     for ttl in (0, 9, 7201):
         with pytest.raises(ValueError, match="10-7200"):
@@ -254,7 +237,7 @@ def test_mint_lifetime_is_openais_range_capped_by_the_setting(auth: Authenticato
 def test_minted_token_expires(auth: Authenticator) -> None:
     """A minted token is refused as expired once its lifetime (and a few seconds' leeway) has
     passed, and accepted within it."""
-    owner = auth.authenticate(KEY)
+    owner = auth.authenticate(PRO_KEY)
     expired, _ = auth.mint(owner, 10, now=time.time() - 40)
     with pytest.raises(UnauthorizedError, match="expired") as refused:
         auth.authenticate(expired)
@@ -296,9 +279,9 @@ def test_tampered_minted_token_is_refused(auth: Authenticator) -> None:
 def test_minted_token_missing_a_claim_is_refused(auth: Authenticator) -> None:
     """A token signed with the right key but missing a required claim, carrying another
     audience or a non-string model, is refused."""
-    token, _ = auth.mint(auth.authenticate(KEY), model="gpt-realtime")
+    token, _ = auth.mint(auth.authenticate(PRO_KEY), model="gpt-realtime")
     good = jwt.decode(token[3:], options={"verify_signature": False})
-    key = auth._ek_key  # the derived key, to sign what a buggy minter might have signed
+    key = auth._minted._key  # the derived key, to sign what a buggy minter might have signed
     variants = [{k: v for k, v in good.items() if k != claim} for claim in good if claim != "model"]
     variants += [{**good, "aud": "other"}, {**good, "model": 7}, {**good, "sub": ""}]
     for variant in variants:
@@ -310,38 +293,38 @@ def test_app_jwt_and_ek_token_never_pass_as_each_other() -> None:
     """With one secret configured for both app JWTs and ek_ tokens, an app JWT given the ek_
     prefix, and an ek_ token's JWS without it, are refused with `unauthorized`, even when the
     app JWT claims the ek audience or the JWT settings expect it."""
-    auth = Authenticator(settings(token_secret=JWT_SECRET, jwt={"secret": JWT_SECRET}))
-    minted, _ = auth.mint(auth.authenticate(KEY))
+    auth = Authenticator(auth_settings(token_secret=JWT_SECRET, jwt={"secret": JWT_SECRET}))
+    minted, _ = auth.mint(auth.authenticate(PRO_KEY))
     expecting_ek = Authenticator(
-        settings(token_secret=JWT_SECRET, jwt={"secret": JWT_SECRET, "audience": EK_AUDIENCE})
+        auth_settings(token_secret=JWT_SECRET, jwt={"secret": JWT_SECRET, "audience": EK_AUDIENCE})
     )
     for verifier in (auth, expecting_ek):
         for credential in (
-            "ek_" + hs256(claims()),
-            "ek_" + hs256(claims(aud=EK_AUDIENCE, iat=int(time.time()), jti="x")),
+            "ek_" + hs256(jwt_claims()),
+            "ek_" + hs256(jwt_claims(aud=EK_AUDIENCE, iat=int(time.time()), jti="x")),
             minted[3:],
         ):
             with pytest.raises(UnauthorizedError) as refused:
                 verifier.authenticate(credential)
             assert refused.value.code == "unauthorized"
-    assert auth.authenticate(hs256(claims())).kind is CredentialKind.JWT
+    assert auth.authenticate(hs256(jwt_claims())).kind is CredentialKind.JWT
     assert auth.authenticate(minted).kind is CredentialKind.MINTED
 
 
 def test_minted_token_with_another_secret_is_refused(auth: Authenticator) -> None:
     """A token minted under another secret is refused."""
-    other = Authenticator(settings(token_secret="another-token-secret-0123456789-abcdef"))
-    token, _ = other.mint(other.authenticate(KEY))
+    other = Authenticator(auth_settings(token_secret="another-token-secret-0123456789-abcdef"))
+    token, _ = other.mint(other.authenticate(PRO_KEY))
     with pytest.raises(UnauthorizedError, match="invalid token"):
         auth.authenticate(token)
 
 
 def test_minted_token_for_a_removed_tier_is_refused() -> None:
     """A token whose tier the relay no longer serves is refused."""
-    old = Authenticator(settings())
+    old = Authenticator(auth_settings())
     token, _ = old.mint(Identity("free", "key:abc"))
     tiers: dict[str, Any] = {"pro": {}, "default": {}}
-    new = Authenticator(settings(tiers=tiers, client_keys={KEY: "pro"}))
+    new = Authenticator(auth_settings(tiers=tiers, client_keys={PRO_KEY: "pro"}))
     with pytest.raises(UnauthorizedError, match="tier"):
         new.authenticate(token)
 
@@ -351,19 +334,19 @@ def test_without_a_token_secret_tokens_stay_on_their_replica(
 ) -> None:
     """With no token secret, each process signs with its own secret and says so once."""
     first, second = (
-        Authenticator(settings(token_secret=None)),
-        Authenticator(settings(token_secret=None)),
+        Authenticator(auth_settings(token_secret=None)),
+        Authenticator(auth_settings(token_secret=None)),
     )
-    with caplog.at_level(logging.WARNING, logger="app.auth.credentials"):
-        token, _ = first.mint(first.authenticate(KEY))
-        first.mint(first.authenticate(KEY))
+    with caplog.at_level(logging.WARNING, logger="app.auth.tokens"):
+        token, _ = first.mint(first.authenticate(PRO_KEY))
+        first.mint(first.authenticate(PRO_KEY))
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "RELAY_TOKEN_SECRET" in caplog.records[0].message
     assert first.authenticate(token).tier == "pro"
     with pytest.raises(UnauthorizedError):
         second.authenticate(token)
     with pytest.raises(ConfigError, match="RELAY_TOKEN_SECRET"):
-        Authenticator(settings(token_secret="short"))
+        Authenticator(auth_settings(token_secret="short"))
 
 
 # Origin

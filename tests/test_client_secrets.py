@@ -20,14 +20,22 @@ from websockets.typing import Subprotocol
 
 from app.api.client_secrets import client_secrets_router
 from app.auth.credentials import Authenticator, Identity
-from tests.conftest import relay_settings
-from tests.test_auth import JWT_SECRET, KEY, TOKEN_SECRET, claims, hs256, settings
+from tests.helpers import (
+    JWT_SECRET,
+    PRO_KEY,
+    TOKEN_SECRET,
+    auth_settings,
+    hs256,
+    jwt_claims,
+    relay_settings,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 START_TIMEOUT = 10.0
 WAIT = 10.0
-# The relay's `_model` must apply a token's model before these pass (see app/auth.py Identity).
+# The relay's `_model` must apply a token's model before these pass (see Identity in
+# app/auth/credentials.py).
 ServerFactory = Callable[[FastAPI], Awaitable[str]]
 
 
@@ -61,14 +69,14 @@ async def http_server_factory() -> AsyncIterator[ServerFactory]:
 
 @pytest.fixture
 async def secrets_url(http_server_factory: ServerFactory) -> str:
-    config = settings()
+    config = auth_settings()
     app = FastAPI()
     app.include_router(client_secrets_router(Authenticator(config), config))
     return await http_server_factory(app) + "/v1/realtime/client_secrets"
 
 
 async def post(url: str, **kwargs: Any) -> httpx.Response:
-    kwargs.setdefault("headers", {"Authorization": f"Bearer {KEY}"})
+    kwargs.setdefault("headers", {"Authorization": f"Bearer {PRO_KEY}"})
     async with httpx.AsyncClient(timeout=10) as client:
         return await client.post(url, **kwargs)
 
@@ -82,15 +90,15 @@ async def test_client_key_mints_a_token_for_its_tier(secrets_url: str) -> None:
     assert body["session"] == {"type": "realtime", "model": "gpt-realtime"}
     assert body["value"].startswith("ek_")
     assert time.time() + 590 < body["expires_at"] <= time.time() + 600
-    auth = Authenticator(settings())
+    auth = Authenticator(auth_settings())
     identity = auth.authenticate(body["value"])
-    assert (identity.tier, identity.client_id) == ("pro", auth.authenticate(KEY).client_id)
+    assert (identity.tier, identity.client_id) == ("pro", auth.authenticate(PRO_KEY).client_id)
     assert identity.model is None  # no model asked for: any of the tier's models
 
 
 async def test_bad_key_gets_401(secrets_url: str) -> None:
     """An unknown, missing or non-key credential gets a 401 with an OpenAI-shaped error body."""
-    token, _ = Authenticator(settings()).mint(Identity("pro", "key:abc"))
+    token, _ = Authenticator(auth_settings()).mint(Identity("pro", "key:abc"))
     for headers in ({"Authorization": "Bearer ck-nope"}, {}, {"Authorization": f"Bearer {token}"}):
         response = await post(secrets_url, headers=headers)
         assert response.status_code == 401
@@ -114,7 +122,7 @@ async def test_lifetime_and_model_requests(secrets_url: str) -> None:
     assert short.status_code == 200
     assert short.json()["expires_at"] <= time.time() + 60
     assert short.json()["session"]["model"] == "gpt-realtime-mini"
-    assert Authenticator(settings()).authenticate(short.json()["value"]).model == (
+    assert Authenticator(auth_settings()).authenticate(short.json()["value"]).model == (
         "gpt-realtime-mini"
     )
     assert long.status_code == 200
@@ -185,7 +193,7 @@ async def token_relay(relay_factory: Any, upstream: Any) -> Any:
     config = relay_settings(
         upstream.url,
         tiers={"default": {}, "gold": {"models": MODELS}},
-        client_keys={KEY: "gold"},
+        client_keys={PRO_KEY: "gold"},
         token_secret=TOKEN_SECRET,
         jwt={"secret": JWT_SECRET},
     )
@@ -248,8 +256,8 @@ async def test_forged_tokens_are_unauthorized_at_the_websocket(
     flipped = signature[:middle] + ("A" if signature[middle] != "A" else "B")
     tampered = f"ek_{header}.{payload}.{flipped}{signature[middle + 1 :]}"
     auth = token_relay.relay.auth
-    expired, _ = auth.mint(auth.authenticate(KEY), 10, now=time.time() - 60)
-    app_jwt = hs256(claims(tier="gold"))
+    expired, _ = auth.mint(auth.authenticate(PRO_KEY), 10, now=time.time() - 60)
+    app_jwt = hs256(jwt_claims(tier="gold"))
     messages = []
     for credential in (tampered, expired, "ek_" + app_jwt, token[3:]):
         async with connect(token_relay.ws_url, subprotocols=browser(credential)) as ws:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import UPSTREAM_KEY
+from tests.helpers import UPSTREAM_KEY
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

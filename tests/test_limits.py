@@ -24,21 +24,20 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from app.config import ConfigError, Settings
 from app.errors import LimiterUnavailableError, SessionLimitError
+from app.limits import make_limiter
 from app.limits.leases import (
     Cap,
     Lease,
     Limiter,
-    MemoryLimiter,
-    RedisLimiter,
     Renewal,
     RenewalResult,
     admit,
     heartbeat,
-    make_limiter,
     session_caps,
 )
-from tests.conftest import RelayServer, relay_settings
-from tests.helpers import until_closed
+from app.limits.memory import MemoryLimiter
+from app.limits.redis import RedisLimiter
+from tests.helpers import RelayServer, relay_settings, until_closed
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]

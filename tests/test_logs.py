@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
-import socket
-import sys
 import time
 
 import httpx
@@ -17,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from app.logs import JsonFormatter
-from tests.conftest import UPSTREAM_KEY
+from tests.helpers import UPSTREAM_KEY, start_relay
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -27,79 +23,12 @@ JWT_SECRET = "jwt-secret-for-log-tests-0123456789-abcdef"
 TOKEN_SECRET = "token-secret-for-log-tests-0123456789-abcdef"
 PAYLOAD = "PAYLOAD-MARKER-9c2f7e"
 WAIT = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Process:
-    """A relay subprocess whose stderr is read as it is written (a full pipe would block it)."""
-
-    def __init__(self, process: asyncio.subprocess.Process, port: int) -> None:
-        self.process = process
-        self.port = port
-        self.output = bytearray()
-        assert process.stderr is not None
-        self._reader = asyncio.create_task(self._read(process.stderr))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while chunk := await stream.read(65536):
-            self.output += chunk
-
-    async def stop(self) -> str:
-        """Stop at once (SIGINT), and return everything it logged."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGINT)
-        try:
-            async with asyncio.timeout(WAIT):
-                await self.process.wait()
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
-        async with asyncio.timeout(WAIT):
-            await self._reader
-        return self.output.decode(errors="replace")
-
-
-async def start_relay(
-    command: str, upstream_url: str, level: str, *options: str, **variables: str
-) -> _Process:
-    """The relay as `python -m app` or as `uvicorn app.main:app` (with uvicorn's `options`),
-    logging at `level`, with `variables` added to the environment."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "OPENAI_API_KEY": UPSTREAM_KEY,
-        "RELAY_UPSTREAM__URL": upstream_url,
-        "RELAY_PORT": str(port),
-        "RELAY_LOG_LEVEL": level,
-        "RELAY_DRAIN_SECONDS": "0",
-        "RELAY_CLIENT_KEYS": json.dumps({HEADER_KEY: "default", SUBPROTOCOL_KEY: "default"}),
-        "RELAY_JWT__SECRET": JWT_SECRET,
-        "RELAY_TOKEN_SECRET": TOKEN_SECRET,
-        **variables,
-    }
-    if command == "python -m app":
-        args = ["-m", "app"]
-    else:  # uvicorn's own CLI, with its stock WebSocket protocol; --log-level reaches websockets
-        args = ["-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", level.lower()]
-        args.extend(options)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, *args, env=env, stderr=asyncio.subprocess.PIPE
-    )
-    relay = _Process(process, port)
-    async with httpx.AsyncClient() as client, asyncio.timeout(WAIT):
-        while True:
-            try:
-                if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                    return relay
-            except httpx.TransportError:
-                pass
-            assert process.returncode is None, await relay.stop()
-            await asyncio.sleep(0.05)
+# What the relay under test accepts: every one of these credentials must stay out of its logs.
+CREDENTIALS = {
+    "RELAY_CLIENT_KEYS": json.dumps({HEADER_KEY: "default", SUBPROTOCOL_KEY: "default"}),
+    "RELAY_JWT__SECRET": JWT_SECRET,
+    "RELAY_TOKEN_SECRET": TOKEN_SECRET,
+}
 
 
 def user_text(text: str) -> str:
@@ -128,7 +57,7 @@ async def test_debug_logs_carry_no_credentials_or_payloads(upstream, command, le
     """With the relay logging at DEBUG (or TRACE), a key in the Authorization header, one in the
     browser subprotocol, a JWT and a minted `ek_` token, and the events' text, are all absent
     from everything the process logged, while DEBUG lines are there."""
-    relay = await start_relay(command, upstream.url, level)
+    relay = await start_relay(command, upstream.url, level, **CREDENTIALS)
     try:
         url = f"ws://127.0.0.1:{relay.port}/v1/realtime"
         claims = {"sub": "user-42", "tier": "default", "exp": int(time.time()) + 60}

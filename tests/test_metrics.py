@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import struct
+import time
 
 import httpx
 import pytest
@@ -15,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from app.config import DEFAULT_PRICES
-from tests.conftest import UPSTREAM_KEY, relay_settings
-from tests.helpers import eventually
+from app.audio.wire import AudioOptions, ClientAudio
+from app.config import DEFAULT_PRICES, Settings
+from app.metrics import AUDIO_CODECS, AUDIO_DIRECTIONS, DIRECTIONS, RelayMetrics, SessionMeter
+from tests.helpers import UPSTREAM_KEY, eventually, relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -254,3 +256,171 @@ async def test_a_scrape_mid_session_counts_its_events_so_far(relay_factory, upst
     assert value(after, audio, direction="in", codec="pcm16") - value(
         before, audio, direction="in", codec="pcm16"
     ) == pytest.approx(0.5)
+
+
+# Per-session traffic through the scrape-time collector, on real RelayMetrics with no sockets.
+
+TRAFFIC = ("realtime_relay_events_total", "realtime_relay_bytes_total")
+IN, OUT = DIRECTIONS
+PCM_100MS = bytes(4800)  # PCM16 24 kHz: 48000 bytes a second
+
+
+def new_metrics() -> RelayMetrics:
+    return RelayMetrics(Settings(openai_api_key="x"))
+
+
+def new_meter(metrics: RelayMetrics, options: AudioOptions | None = None) -> SessionMeter:
+    audio = ClientAudio(options or AudioOptions())
+    rates = (8_000 if audio.options.input_format["type"] != "audio/pcm" else 48_000, 48_000)
+    return metrics.session("default", MODEL, rates, audio)
+
+
+def sample(metrics: RelayMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def send_append(meter: SessionMeter) -> int:
+    """A client append of 100 ms of audio; returns its size."""
+    event = {"type": "input_audio_buffer.append", "audio": base64.b64encode(PCM_100MS).decode()}
+    text = json.dumps(event)
+    meter.client_event(event["type"], event, len(text), time.perf_counter())
+    return len(text)
+
+
+def send_delta(meter: SessionMeter) -> int:
+    """An upstream delta of 100 ms of audio; returns its size."""
+    delta = base64.b64encode(PCM_100MS).decode()
+    text = json.dumps({"type": "response.output_audio.delta", "delta": delta})
+    meter.upstream_event("response.output_audio.delta", None, text, time.perf_counter())
+    return len(text)
+
+
+def traffic(metrics: RelayMetrics) -> dict[str, float | None]:
+    """The events, bytes and PCM16 audio seconds a scrape reports, by direction."""
+    found: dict[str, float | None] = {}
+    for name in TRAFFIC:
+        for direction in DIRECTIONS:
+            found[f"{name}:{direction}"] = sample(metrics, name, direction=direction)
+    for direction in AUDIO_DIRECTIONS:
+        found[f"audio:{direction}"] = sample(
+            metrics, "realtime_relay_audio_seconds_total", direction=direction, codec="pcm16"
+        )
+    return found
+
+
+def test_traffic_series_exist_at_zero_from_start_up():
+    """Events, bytes and audio seconds are exposed at 0, with `_created`, before any session."""
+    metrics = new_metrics()
+    families = {f.name: f for f in metrics.registry.collect()}
+    expected = set()
+    for name in ("realtime_relay_events", "realtime_relay_bytes"):
+        assert families[name].type == "counter"
+        for direction in DIRECTIONS:
+            expected |= {(name + "_total", (("direction", direction),))}
+            expected |= {(name + "_created", (("direction", direction),))}
+    for direction in AUDIO_DIRECTIONS:
+        for codec in AUDIO_CODECS:
+            labels = (("codec", codec), ("direction", direction))
+            expected |= {("realtime_relay_audio_seconds_total", labels)}
+            expected |= {("realtime_relay_audio_seconds_created", labels)}
+    names = ("realtime_relay_events", "realtime_relay_bytes", "realtime_relay_audio_seconds")
+    seen = {
+        (s.name, tuple(sorted(s.labels.items()))) for name in names for s in families[name].samples
+    }
+    assert seen == expected
+    values = [
+        s.value for name in names for s in families[name].samples if s.name.endswith("_total")
+    ]
+    assert values and all(v == 0 for v in values)
+
+
+def test_a_scrape_shows_a_live_sessions_tallies_without_double_counting():
+    """A scrape mid-session reports its tallies; a second scrape reports the same, not twice."""
+    metrics = new_metrics()
+    meter = new_meter(metrics)
+    sizes_in = sum(send_append(meter) for _ in range(3))
+    sizes_out = sum(send_delta(meter) for _ in range(2))
+    expected = {
+        f"realtime_relay_events_total:{IN}": 3,
+        f"realtime_relay_events_total:{OUT}": 2,
+        f"realtime_relay_bytes_total:{IN}": sizes_in,
+        f"realtime_relay_bytes_total:{OUT}": sizes_out,
+        "audio:in": pytest.approx(0.3),
+        "audio:out": pytest.approx(0.2),
+    }
+    assert traffic(metrics) == expected
+    assert traffic(metrics) == expected  # a scrape does not add the tallies again
+    text = metrics.exposition().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    events = {s.labels["direction"]: s.value for s in families["realtime_relay_events"].samples}
+    assert (events[IN], events[OUT]) == (3, 2)
+
+    send_append(meter)
+    assert sample(metrics, "realtime_relay_events_total", direction=IN) == 4
+    assert sample(metrics, "realtime_relay_events_total", direction=OUT) == 2
+
+
+def test_a_closed_sessions_tallies_remain_and_add_to_the_next():
+    """Closing folds a session's tallies into the totals once; later sessions add to them."""
+    metrics = new_metrics()
+    first = new_meter(metrics)
+    size = send_append(first)
+    send_delta(first)
+    first.close("client_closed")
+    after_close = traffic(metrics)
+    assert after_close[f"realtime_relay_events_total:{IN}"] == 1
+    assert after_close[f"realtime_relay_bytes_total:{IN}"] == size
+    assert after_close["audio:out"] == pytest.approx(0.1)
+    first.close("client_closed")  # a second close counts nothing again
+    assert traffic(metrics) == after_close
+
+    second = new_meter(metrics)
+    send_append(second)
+    send_append(second)
+    assert sample(metrics, "realtime_relay_events_total", direction=IN) == 3
+    second.close("not-an-outcome")
+    assert sample(metrics, "realtime_relay_events_total", direction=IN) == 3
+    assert sample(metrics, "realtime_relay_audio_seconds_total", direction="in", codec="pcm16") == (
+        pytest.approx(0.3)
+    )
+    sessions = "realtime_relay_sessions_total"
+    labels = {"tier": "default", "model": metrics.model_label(MODEL)}
+    assert metrics.registry.get_sample_value(sessions, {**labels, "outcome": "other"}) == 1
+    assert metrics.registry.get_sample_value(sessions, {**labels, "outcome": "client_closed"}) == 1
+    assert sample(metrics, "realtime_relay_sessions_active", **labels) == 0
+
+
+def test_binary_audio_counts_under_the_clients_codec():
+    """Binary G.711 frames add their seconds under the client's codec at the next scrape."""
+    metrics = new_metrics()
+    audio = ClientAudio(AudioOptions(input_codec="g711_ulaw", input_rate=8_000))
+    meter = metrics.session("default", MODEL, (8_000, 48_000), audio)
+    frame = b"\x01" + bytes(800)  # 100 ms at 8 kHz
+    for _ in range(10):
+        start = time.perf_counter()
+        audio.append_event(frame)
+        meter.client_audio(len(frame), start, time.perf_counter())
+    seconds = "realtime_relay_audio_seconds_total"
+    assert sample(metrics, seconds, direction="in", codec="g711_ulaw") == pytest.approx(1.0)
+    assert sample(metrics, "realtime_relay_events_total", direction=IN) == 10
+    meter.close("completed")
+    assert sample(metrics, seconds, direction="in", codec="g711_ulaw") == pytest.approx(1.0)
+
+
+def test_unknown_label_values_are_other():
+    """Codes, close codes and reasons outside the enums are counted as `other`."""
+    metrics = new_metrics()
+    metrics.error("upstream", "some_new_code")
+    metrics.relay_error("field_locked")
+    metrics.relay_error("made_up")
+    metrics.upstream_closed(4000)
+    metrics.upstream_closed(1006)
+    metrics.reject("default", "because")
+    errors = "realtime_relay_errors_total"
+    assert sample(metrics, errors, source="upstream", code="other") == 1
+    assert sample(metrics, errors, source="relay", code="field_locked") == 1
+    assert sample(metrics, errors, source="relay", code="other") == 1
+    assert sample(metrics, "realtime_relay_upstream_closes_total", code="other") == 1
+    assert sample(metrics, "realtime_relay_upstream_closes_total", code="1006") == 1
+    assert sample(metrics, "realtime_relay_session_rejections_total", tier="default",
+                  reason="other") == 1  # fmt: skip

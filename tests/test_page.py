@@ -20,7 +20,7 @@ import pytest
 import soxr
 from playwright.async_api import Page, async_playwright
 
-from tests.conftest import relay_settings
+from tests.helpers import relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.timeout(120)]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import relay_settings
+from tests.helpers import relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.node, pytest.mark.timeout(120)]
 

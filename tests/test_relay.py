@@ -10,15 +10,16 @@ import pytest
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 
-from tests.conftest import UPSTREAM_KEY, relay_settings
 from tests.helpers import (
     CLIENT_KEY,
     SERVER_INSTRUCTIONS,
     TOOL,
+    UPSTREAM_KEY,
     WAIT,
     closed,
     eventually,
     recv_until,
+    relay_settings,
     settings_for,
     tone,
     user_text,

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes.util
 import json
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from app.audio import codecs
 from app.audio.codecs import alaw_encode
 from tests.audio_tools import envelope_r, opus_decode, opus_packets, resample
-from tests.conftest import relay_settings
+from tests.helpers import relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -205,6 +207,33 @@ async def test_bad_codec_parameters_fall_back_to_defaults(relay, upstream):
     async with connect(f"{relay.ws_url}?input_codec=pcm16&input_rate=96000") as ws:
         events, _ = await events_until(ws, "error")
         assert events[-1]["error"]["code"] == "invalid_audio"
+        await events_until(ws, "session.created")
+        await ws.send(b"\x01" + bytes(960))
+        await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+        await events_until(ws, "input_audio_buffer.cleared")
+    assert len(upstream.connections[0].input_audio) == 960
+
+
+@pytest.fixture
+def no_libopus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay as on a server without libopus: a fresh loader whose search finds nothing."""
+    monkeypatch.setattr(codecs, "_LIBOPUS", codecs._LibOpus(names=("libopus-absent.so.0",)))
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [("input_codec=opus&input_rate=48000", "input_codec"), ("output_codec=opus", "output_codec")],
+)
+async def test_opus_without_libopus_is_refused_and_the_session_goes_on(
+    relay, upstream, no_libopus, query, param
+):
+    """No libopus: asking for Opus gets `invalid_audio` naming the parameter; PCM16 goes on."""
+    async with connect(f"{relay.ws_url}?{query}") as ws:
+        events, _ = await events_until(ws, "error")
+        error = events[-1]["error"]
+        assert (error["code"], error["param"]) == ("invalid_audio", param)
+        assert "Opus is not available" in error["message"]
         await events_until(ws, "session.created")
         await ws.send(b"\x01" + bytes(960))
         await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))

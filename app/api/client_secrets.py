@@ -17,13 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
-from app.auth.credentials import (
-    MAX_TOKEN_TTL_SECONDS,
-    MIN_TOKEN_TTL_SECONDS,
-    Authenticator,
-    CredentialKind,
-    bearer_token,
-)
+from app.auth.credentials import Authenticator, CredentialKind, bearer_token
+from app.auth.tokens import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS
 from app.config import Settings
 from app.errors import ModelNotAllowedError, RelayError, UnauthorizedError
 

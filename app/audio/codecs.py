@@ -6,12 +6,13 @@ Clients declare their codecs at connect. One :class:`Decoder` (client → upstre
 resampler is a streaming ``soxr.ResampleStream`` so chunk boundaries cause no clicks, and the Opus
 encoder keeps the tail shorter than one 20 ms packet for the next delta.
 
-Opus goes through libopus itself via ctypes, not through PyAV's ``CodecContext``. PyAV's libopus
-decoder always outputs 48 kHz, which then needs a resampler; libopus decodes natively at 24 kHz
-(or 8 kHz) and the ctypes path skips PyAV's per-packet ``Packet``/``AudioFrame`` objects.
-``bench/audio_bench.py`` measured Opus decode ~1.4x and encode ~1.1x faster this way. We load the
-libopus that the PyAV wheel bundles (1.6 at the time of writing, ~25% faster to encode than
-Debian's 1.3) and fall back to the system's ``libopus.so.0``.
+Opus goes through the system's libopus (Debian: ``libopus0``) via ctypes, not through PyAV's
+``CodecContext``. PyAV's libopus decoder always outputs 48 kHz, which then needs a resampler;
+libopus decodes natively at 24 kHz (or 8 kHz) and the ctypes path skips PyAV's per-packet
+``Packet``/``AudioFrame`` objects (``bench/audio_bench.py`` compares the two). PyAV (with its
+bundled FFmpeg) stays a test and benchmark dependency only. libopus is loaded when the first
+Opus codec is built, not at import, so the relay starts and serves PCM and G.711 without it; a
+session that asks for Opus then gets :class:`OpusUnavailableError`, an :class:`AudioError`.
 
 G.711 uses numpy lookup tables: a 256-entry decode table and a 65536-entry encode table mapping
 each int16 to the code whose reconstruction value is nearest (what G.711's decision levels do).
@@ -24,9 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
+import logging
+from collections.abc import Iterator
 from enum import StrEnum
-from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -40,12 +41,14 @@ __all__ = [
     "Decoder",
     "Encoder",
     "InputCodec",
+    "OpusUnavailableError",
     "OutputCodec",
     "UpstreamFormat",
     "alaw_decode",
     "alaw_encode",
     "make_decoder",
     "make_encoder",
+    "opus_available",
     "opus_version",
     "ulaw_decode",
     "ulaw_encode",
@@ -66,12 +69,22 @@ _MAX_OPUS_MS: Final = 120
 
 Int16Array = npt.NDArray[np.int16]
 
+logger = logging.getLogger(__name__)
+
 
 class AudioError(ValueError):
     """Client audio that cannot be decoded; the message is safe to show the client.
 
     The relay turns it into an ``error`` event with code ``invalid_audio`` and keeps the session.
     Raised before any codec or resampler state changes, so audio buffered earlier is not lost.
+    """
+
+
+class OpusUnavailableError(AudioError):
+    """Opus was asked for and libopus is not installed on this server.
+
+    An :class:`AudioError` like any other unsupported codec: the relay refuses the session's
+    codecs with ``invalid_audio`` and goes on with the defaults (PCM16 in, JSON out).
     """
 
 
@@ -183,31 +196,12 @@ _OPUS_SET_SIGNAL: Final = 4024
 _OPUS_SIGNAL_VOICE: Final = 3001
 
 
-def _opus_candidates() -> list[str]:
-    paths: list[str] = []
-    # PyAV wheels bundle a recent libopus next to the package (auditwheel/delocate layouts).
-    spec = importlib.util.find_spec("av")
-    if spec is not None and spec.origin is not None:
-        pkg = Path(spec.origin).parent
-        for folder in (pkg.parent / "av.libs", pkg / ".dylibs"):
-            libs = sorted(folder.glob("*opus*"))
-            paths.extend(str(p) for p in libs if p.suffix in {".dylib", ".dll"} or ".so" in p.name)
-    system = ctypes.util.find_library("opus")
-    if system is not None:
-        paths.append(system)
-    return paths
+# Names the dynamic loader finds on its own search path (Linux, macOS, Windows), tried before
+# ctypes.util.find_library, which on Linux runs `ldconfig -p` in a subprocess.
+_LIBOPUS_NAMES: Final = ("libopus.so.0", "libopus.0.dylib", "opus.dll")
 
 
-def _load_opus() -> ctypes.CDLL:
-    for path in _opus_candidates():
-        try:
-            lib = ctypes.CDLL(path)
-            lib.opus_decoder_get_size  # noqa: B018 -- probe: a foreign library lacks it
-        except (OSError, AttributeError):
-            continue
-        break
-    else:
-        raise ImportError("libopus not found: install PyAV (av) wheels or the libopus0 package")
+def _bind_opus(lib: ctypes.CDLL) -> ctypes.CDLL:
     c_int, c_int32, ptr = ctypes.c_int, ctypes.c_int32, ctypes.c_void_p
     lib.opus_get_version_string.restype = ctypes.c_char_p
     lib.opus_strerror.argtypes, lib.opus_strerror.restype = [c_int], ctypes.c_char_p
@@ -223,31 +217,95 @@ def _load_opus() -> ctypes.CDLL:
     return lib
 
 
-_opus: Final = _load_opus()
+class _LibOpus:
+    """The system libopus, loaded by the first Opus codec built and kept for the process.
+
+    A failed load is remembered too, so sessions asking for Opus on a server without libopus are
+    refused without searching again (and the warning is logged once).
+    """
+
+    __slots__ = ("_lib", "_missing", "_names")
+
+    def __init__(self, names: tuple[str, ...] = _LIBOPUS_NAMES) -> None:
+        self._names = names
+        self._lib: ctypes.CDLL | None = None
+        self._missing = False
+
+    def get(self) -> ctypes.CDLL:
+        """Return the loaded library.
+
+        Raises:
+            OpusUnavailableError: If libopus is not installed.
+        """
+        if self._lib is not None:
+            return self._lib
+        if not self._missing:
+            self._lib = self._load()
+            if self._lib is not None:
+                return self._lib
+            self._missing = True
+            logger.warning(
+                "libopus not found (Debian: apt-get install libopus0): sessions that ask for "
+                "Opus are refused with invalid_audio"
+            )
+        raise OpusUnavailableError("Opus is not available on this server; use pcm16")
+
+    def _load(self) -> ctypes.CDLL | None:
+        for name in self._candidates():
+            try:
+                lib = ctypes.CDLL(name)
+                lib.opus_decoder_get_size  # noqa: B018 -- probe: a foreign library lacks it
+            except (OSError, AttributeError):
+                continue
+            return _bind_opus(lib)
+        return None
+
+    def _candidates(self) -> Iterator[str]:
+        yield from self._names
+        found = ctypes.util.find_library("opus")  # e.g. Homebrew's, off dlopen's default path
+        if found is not None:
+            yield found
+
+
+_LIBOPUS: Final = _LibOpus()
+
+
+def opus_available() -> bool:
+    """Whether Opus codecs can be built here (loads libopus on first call)."""
+    try:
+        _LIBOPUS.get()
+    except OpusUnavailableError:
+        return False
+    return True
 
 
 def opus_version() -> str:
-    """Return the libopus version string in use, e.g. ``"libopus 1.6.1"``."""
-    version: bytes = _opus.opus_get_version_string()
+    """Return the libopus version string in use, e.g. ``"libopus 1.3.1"``.
+
+    Raises:
+        OpusUnavailableError: If libopus is not installed.
+    """
+    version: bytes = _LIBOPUS.get().opus_get_version_string()
     return version.decode()
 
 
-def _opus_error(code: int) -> str:
-    message: bytes = _opus.opus_strerror(code)
+def _opus_error(lib: ctypes.CDLL, code: int) -> str:
+    message: bytes = lib.opus_strerror(code)
     return message.decode()
 
 
 class _OpusDecoder:
     """libopus decoder state in a Python-owned buffer (nothing to free)."""
 
-    __slots__ = ("_max", "_out", "_state")
+    __slots__ = ("_lib", "_max", "_out", "_state")
 
     def __init__(self, rate: int) -> None:
+        self._lib = lib = _LIBOPUS.get()
         # create_string_buffer memory is malloc-aligned, as libopus' own opus_decoder_create's is.
-        self._state = ctypes.create_string_buffer(_opus.opus_decoder_get_size(1))
-        err = _opus.opus_decoder_init(self._state, rate, 1)
+        self._state = ctypes.create_string_buffer(lib.opus_decoder_get_size(1))
+        err = lib.opus_decoder_init(self._state, rate, 1)
         if err:
-            raise RuntimeError(f"opus_decoder_init: {_opus_error(err)}")
+            raise RuntimeError(f"opus_decoder_init: {_opus_error(lib, err)}")
         self._max = rate * _MAX_OPUS_MS // 1000
         self._out = ctypes.create_string_buffer(self._max * 2)
 
@@ -257,36 +315,37 @@ class _OpusDecoder:
             raise AudioError(f"invalid Opus packet ({len(packet)} bytes)")
         # libopus parses the whole packet before touching the state, so a bad packet leaves the
         # decoder as it was and the next good packet decodes exactly as if it never came.
-        n = _opus.opus_decode(self._state, packet, len(packet), self._out, self._max, 0)
+        n = self._lib.opus_decode(self._state, packet, len(packet), self._out, self._max, 0)
         if n < 0:
-            raise AudioError(f"invalid Opus packet: {_opus_error(n)}")
+            raise AudioError(f"invalid Opus packet: {_opus_error(self._lib, n)}")
         return ctypes.string_at(self._out, n * 2)
 
 
 class _OpusEncoder:
-    __slots__ = ("_out", "_state")
+    __slots__ = ("_lib", "_out", "_state")
 
     def __init__(self, bitrate: int, complexity: int) -> None:
-        self._state = ctypes.create_string_buffer(_opus.opus_encoder_get_size(1))
-        err = _opus.opus_encoder_init(self._state, UPSTREAM_RATE, 1, _OPUS_APPLICATION_VOIP)
+        self._lib = lib = _LIBOPUS.get()
+        self._state = ctypes.create_string_buffer(lib.opus_encoder_get_size(1))
+        err = lib.opus_encoder_init(self._state, UPSTREAM_RATE, 1, _OPUS_APPLICATION_VOIP)
         for request, value in (
             (_OPUS_SET_BITRATE, bitrate),
             (_OPUS_SET_COMPLEXITY, complexity),
             (_OPUS_SET_SIGNAL, _OPUS_SIGNAL_VOICE),
         ):
-            err = err or _opus.opus_encoder_ctl(self._state, request, ctypes.c_int32(value))
+            err = err or lib.opus_encoder_ctl(self._state, request, ctypes.c_int32(value))
         if err:
-            raise ValueError(f"Opus encoder settings refused: {_opus_error(err)}")
+            raise ValueError(f"Opus encoder settings refused: {_opus_error(lib, err)}")
         self._out = ctypes.create_string_buffer(_MAX_OPUS_PACKET)
 
     def encode(self, frame: bytes) -> bytes:
-        n = _opus.opus_encode(self._state, frame, FRAME_SAMPLES, self._out, _MAX_OPUS_PACKET)
+        n = self._lib.opus_encode(self._state, frame, FRAME_SAMPLES, self._out, _MAX_OPUS_PACKET)
         if n < 0:
-            raise RuntimeError(f"opus_encode: {_opus_error(n)}")
+            raise RuntimeError(f"opus_encode: {_opus_error(self._lib, n)}")
         return ctypes.string_at(self._out, n)
 
     def reset(self) -> None:
-        _opus.opus_encoder_ctl(self._state, _OPUS_RESET_STATE)
+        self._lib.opus_encoder_ctl(self._state, _OPUS_RESET_STATE)
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -413,6 +472,7 @@ def make_decoder(
 
     Raises:
         AudioError: If the codec, rate or target is not supported.
+        OpusUnavailableError: If ``codec`` is ``opus`` and libopus is not installed.
     """
     try:
         codec = InputCodec(codec)
@@ -501,14 +561,14 @@ def make_encoder(codec: OutputCodec | str, bitrate: int = 32_000, complexity: in
     Args:
         codec: The client's output codec, ``opus`` or ``pcm16``.
         bitrate: Opus bitrate in bits/s, 6000–510000.
-        complexity: Opus encoder complexity, 0–10. The default 5 costs ~25% less CPU than 10
-            for speech quality that is hard to tell apart at 32 kbps; see ``bench/audio_bench.py``.
+        complexity: Opus encoder complexity, 0–10 (``bench/audio_bench.py`` compares them).
 
     Returns:
         An :class:`Encoder`.
 
     Raises:
         AudioError: If the codec or a setting is not supported.
+        OpusUnavailableError: If ``codec`` is ``opus`` and libopus is not installed.
     """
     try:
         codec = OutputCodec(codec)

@@ -27,6 +27,7 @@ from app.audio.codecs import (
     AudioError,
     Decoder,
     Encoder,
+    OpusUnavailableError,
     OutputCodec,
     make_decoder,
     make_encoder,
@@ -95,19 +96,25 @@ def audio_options(
 class ClientAudio:
     """One session's binary audio: a decoder for client frames, an encoder for deltas.
 
-    Built once at connect; `AudioError`s from the codecs become `InvalidAudioError`s here.
+    Built once at connect; `AudioError`s from the codecs become `InvalidAudioError`s here,
+    including Opus asked for on a server without libopus (`OpusUnavailableError`), which names
+    the parameter to change.
     """
 
     def __init__(self, options: AudioOptions) -> None:
         self.options = options
         target = options.input_format["type"]
+        param = "input_codec"
         try:
             self.decoder: Decoder = make_decoder(options.input_codec, options.input_rate, target)
+            param = "output_codec"
             self.encoder: Encoder | None = (
                 make_encoder(options.output_codec, options.output_bitrate, options.opus_complexity)
                 if options.output_codec in ("pcm16", "opus")
                 else None
             )
+        except OpusUnavailableError as exc:
+            raise InvalidAudioError(str(exc), param=param) from None
         except AudioError as exc:
             raise InvalidAudioError(str(exc)) from None
         self.binary_output = options.output_codec != "json"

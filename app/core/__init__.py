@@ -1,1 +1,1 @@
-"""The session core: the rules of one session, sans-I/O (no socket, no event loop, no clock read)."""
+"""The session core: one session's rules, sans-I/O (no socket, no event loop, no clock read)."""

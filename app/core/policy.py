@@ -53,6 +53,7 @@ PARSED_UPSTREAM_TYPES: Final = frozenset(
     {
         "session.created",
         "session.updated",
+        "response.created",
         "response.done",
         "error",
         "conversation.item.input_audio_transcription.completed",

@@ -2,8 +2,8 @@
 
 websockets' sans-I/O protocol parses each frame through a chain of generators and builds a
 `Frame` object for it; on the relay's hot path that was the largest share of the CPU left after
-the callbacks (bench/relay_bench.py, py-spy). Once a connection is open, the data plane reads
-and writes its data frames here instead, and leaves everything else to websockets:
+the callbacks (docs/design.md, "Why the fast path exists"). Once a connection is open, the data
+plane reads and writes its data frames here instead, and leaves everything else to websockets:
 
 - `ClientFrameReader` parses what a client sends: masked text, binary and continuation frames,
   pings and pongs. At the first frame it does not handle (a close, reserved bits as compression

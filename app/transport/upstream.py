@@ -4,11 +4,13 @@ Everything here is decided once per model (`UpstreamTarget`), so opening a sessi
 nothing and connects. Upstream is always the GA protocol: no `OpenAI-Beta` header is sent
 (REALTIME.md §1.1), and Azure's GA path takes `?model=<deployment>` and no `api-version` (§1.4).
 Failures of `websockets` are translated here, once, into `UpstreamError`s.
+
+`Upstream.connect` returns the session's upstream leg: the fast one (`fast.FastUpstreamLeg`) on
+the library versions the tests ran, else the portable one (`legs.PortableUpstreamLeg`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -18,7 +20,8 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from app.config import Settings, UpstreamKind
 from app.errors import UpstreamError, UpstreamRefusedError
-from app.transport.legs import UpstreamConnection
+from app.transport import fast
+from app.transport.legs import PortableUpstreamLeg, UpstreamLeg
 
 USER_AGENT = "realtime-relay/0.1"
 
@@ -78,8 +81,8 @@ class Upstream:
             target = self._targets[model] = build_target(self._fallback, model)
         return target
 
-    async def connect(self, model: str) -> UpstreamConnection:
-        """Open a session's upstream socket.
+    async def connect(self, model: str) -> UpstreamLeg:
+        """Open a session's upstream socket: attach a sink to the leg before awaiting anything.
 
         Raises:
             UpstreamRefusedError: the handshake was answered with an HTTP error status.
@@ -87,10 +90,11 @@ class Upstream:
         """
         target = self.target(model)
         upstream = self.settings
+        direct = fast.enabled()
         try:
             connection = await connect(
                 target.url,
-                create_connection=UpstreamConnection,
+                create_connection=fast.UpstreamConnection if direct else ClientConnection,
                 additional_headers=target.headers,
                 user_agent_header=USER_AGENT,
                 open_timeout=upstream.connect_timeout_seconds,
@@ -108,17 +112,9 @@ class Upstream:
             raise UpstreamError("the upstream did not answer in time") from exc
         except (OSError, InvalidHandshake) as exc:
             raise UpstreamError("the upstream could not be reached") from exc
-        assert isinstance(connection, UpstreamConnection)
-        return connection
-
-
-async def close_quietly(connection: ClientConnection, code: int, within: float) -> None:
-    """Close an upstream socket within `within` seconds, whatever state it is in."""
-    try:
-        async with asyncio.timeout(within):
-            await connection.close(code)
-    except (TimeoutError, OSError):
-        connection.transport.abort()
+        if isinstance(connection, fast.UpstreamConnection):
+            return fast.FastUpstreamLeg(connection)
+        return PortableUpstreamLeg(connection)
 
 
 def _all_models(settings: Settings) -> set[str]:

@@ -1,0 +1,41 @@
+"""The relay's vocabularies, defined once: session outcomes and refusal reasons.
+
+Each is a `StrEnum`, so a member is its label value: metrics build their label sets from these
+enums (`metrics.py`), logs print them, and comparisons with plain strings keep working. Error
+codes live beside the exceptions that carry them (`errors.ErrorCode`), close codes in
+`errors.CloseCode`, audio formats and codecs in `audio.codecs`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """How a session that reached the upstream ended: the `outcome` label of
+    `realtime_relay_sessions_total`."""
+
+    COMPLETED = "completed"  # the upstream closed normally
+    CLIENT_CLOSED = "client_closed"
+    CLIENT_TIMEOUT = "client_timeout"  # keepalive unanswered, or read too slowly
+    LIMIT = "limit"  # a cap found over its limit at renewal (Redis lost its data)
+    UPSTREAM_ERROR = "upstream_error"
+    EXPIRED = "expired"  # max_session_seconds
+    IDLE = "idle"  # idle_timeout_seconds
+    REFUSED = "refused"
+    SHUTDOWN = "shutdown"  # closed by a drain
+    ERROR = "error"  # anything else (a relay bug, logged with its traceback)
+
+
+class RejectionReason(StrEnum):
+    """Why a session was refused before it started: the `reason` label of
+    `realtime_relay_session_rejections_total`."""
+
+    UNAUTHORIZED = "unauthorized"
+    ORIGIN = "origin"
+    MODEL = "model"
+    LIMIT = "limit"
+    LIMITER = "limiter"
+    UPSTREAM = "upstream"
+    PROTOCOL = "protocol"
+    SHUTDOWN = "shutdown"

@@ -1,0 +1,371 @@
+"""The session core: one session's rules, with no socket, no event loop and no clock read.
+
+After websockets' `Protocol` and h11's `Connection`: a transport feeds it what happened (a client
+frame, an upstream frame, a timer that fired, a peer that left), each with the time it happened
+on the transport's clock, and the core answers with decisions on its `Decisions` port: send this
+text upstream, show this event to the client, reply with this `error`, start reading the client,
+wake me at this time, end the session this way. A unit test drives it with strings and numbers
+(tests/test_core.py); the transports in `app/transport/` carry the decisions out.
+
+What it owns:
+
+* the event policy (`SessionPolicy`: what a client may send, what it sees of the server's session);
+* the injection handshake: the client is not read until the upstream has accepted the server's
+  session (`session.created`, then `session.update` from the relay, then `session.updated`), and
+  that must happen within `Deadlines.start_seconds`;
+* the responses in flight (`response.created` to `response.done`);
+* the deadlines: the session's length, its idle time (no client event but audio, and no speech
+  detected upstream) and the start;
+* how a session ends (`Ending`: outcome, close code, and the error that tells the client why);
+* what the meter counts (`Meter`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Any, Final, Protocol
+
+from app.codes import Outcome
+from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
+from app.errors import (
+    ClientError,
+    ClientTimeoutError,
+    CloseCode,
+    ErrorCode,
+    RelayError,
+    SessionEndedError,
+    ShuttingDownError,
+    UpstreamClosedError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    event_for,
+)
+
+logger = logging.getLogger(__name__)
+
+# Error codes that name how a session ended; any other RelayError ends it as `error`, and an
+# upstream failure as `upstream_error`.
+_OUTCOMES: Final[dict[str, Outcome]] = {
+    ErrorCode.CLIENT_TIMEOUT: Outcome.CLIENT_TIMEOUT,
+    ErrorCode.SESSION_LIMIT_REACHED: Outcome.LIMIT,  # over its cap after Redis lost its data
+    ErrorCode.SESSION_EXPIRED: Outcome.EXPIRED,
+    ErrorCode.SESSION_IDLE: Outcome.IDLE,
+    ErrorCode.SERVER_SHUTTING_DOWN: Outcome.SHUTDOWN,
+}
+
+
+class Phase(Enum):
+    """Where a session is: its start (the injection handshake), open, or ended."""
+
+    STARTING = auto()  # waiting for the upstream's session.created
+    INJECTING = auto()  # the server's session sent; waiting for session.updated
+    OPEN = auto()  # the client is read
+    ENDED = auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a session ends: its outcome, the close code the client gets, and why (if it is told)."""
+
+    outcome: Outcome
+    close_code: int
+    error: RelayError | None = None
+
+
+def ending_for(error: RelayError) -> Ending:
+    """The ending that `error` causes: its close code, and the outcome its code names."""
+    outcome = _OUTCOMES.get(error.code, Outcome.ERROR)
+    if isinstance(error, UpstreamError):
+        outcome = Outcome.UPSTREAM_ERROR
+    return Ending(outcome, error.close_code, error)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """A session's time limits, in seconds; None for no limit."""
+
+    start_seconds: float  # the upstream must accept the server's session within this
+    max_session_seconds: float | None = None
+    idle_seconds: float | None = None
+
+
+class Decisions(Protocol):
+    """What the core asks a transport to do. Each call is one decision, carried out at once."""
+
+    def to_upstream(self, text: str) -> None: ...
+    def to_client(self, event_type: str, text: str) -> None: ...
+    def reply(self, text: str) -> None: ...  # an `error` event a client frame caused
+    def flush_input(self) -> None: ...  # the client's input audio ends here (a commit)
+    def opened(self) -> None: ...  # the server's session is in place: read the client
+    def schedule(self, at: float | None) -> None: ...  # call `timer` at `at` (None: never)
+    def end(self, ending: Ending) -> None: ...  # close both sides; no more decisions follow
+
+
+class Meter(Protocol):
+    """What the core reports for metrics (`metrics.SessionMeter`); times on the core's clock."""
+
+    def client_event(
+        self, event_type: str, event: dict[str, Any], size: int, start: float
+    ) -> None: ...
+    def client_audio(self, size: int, start: float, decoded: float) -> None: ...
+    def upstream_event(
+        self, event_type: str, event: dict[str, Any] | None, text: str, start: float
+    ) -> None: ...
+
+
+class SessionCore:
+    """The rules of one session, sans-I/O.
+
+    Args:
+        policy: the session's event policy, built at connect.
+        deadlines: its time limits.
+        meter: where its events are counted.
+        out: the transport that carries out its decisions.
+        session_id: the relay's id for the session (the prefix of its own event ids).
+        event_ids: the numbers of the relay's own events to this client (shared with whoever
+            sent it events before the core existed, so no id repeats).
+        count_error: called with the code of each `error` event the relay itself sends.
+        log: the session's logger.
+    """
+
+    def __init__(
+        self,
+        policy: SessionPolicy,
+        deadlines: Deadlines,
+        meter: Meter,
+        out: Decisions,
+        *,
+        session_id: str,
+        event_ids: Iterator[int] | None = None,
+        count_error: Callable[[str], None] = lambda code: None,
+        log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
+    ) -> None:
+        self.policy, self.deadlines, self.meter, self.out = policy, deadlines, meter, out
+        self.phase = Phase.STARTING
+        self.responses: set[str] = set()  # ids of the responses in flight
+        self.ending: Ending | None = None
+        self._count_error = count_error
+        self._log = log
+        self._event_ids = event_ids if event_ids is not None else itertools.count(1)
+        self._id_prefix = f"event_relay_{session_id[:12]}_"
+        self._started = self._activity = 0.0
+        # Upstream events whose arrival changes the core's state; every other one only passes.
+        self._tracked: Final[dict[str, Callable[[dict[str, Any] | None, float], None]]] = {
+            "input_audio_buffer.speech_started": self._speech_started,
+            "response.created": self._response_created,
+            "response.done": self._response_done,
+        }
+
+    # -- the start -----------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """The upstream is open: wait for its `session.created`, within the start deadline."""
+        self._started = self._activity = now
+        self.out.schedule(now + self.deadlines.start_seconds)
+
+    def _starting(
+        self, event_type: str, event: dict[str, Any] | None, text: str, now: float
+    ) -> None:
+        """An upstream event before the server's session is in place (the handshake)."""
+        if self.phase is Phase.STARTING:
+            self.out.to_client(event_type, text)
+            self.meter.upstream_event(event_type, event, text, now)
+            if event_type != "session.created":
+                raise UpstreamError(f"the upstream sent {event_type or 'a non-event'} first")
+            self.out.to_upstream(self.policy.injected)
+            self.phase = Phase.INJECTING
+            return
+        if event_type == "error" and _caused_by(event, INJECTED_EVENT_ID):
+            error = event["error"] if event else {}
+            self._log.warning(
+                "the upstream refused the injected session: %s (param %s)",
+                error.get("code"),
+                error.get("param"),
+            )
+            # Its message stays in the log: it may describe the server's tools.
+            raise UpstreamError(
+                "the upstream refused the relay's session settings",
+                code=ErrorCode.UPSTREAM_REJECTED_SESSION,
+            )
+        self.out.to_client(event_type, text)
+        self.meter.upstream_event(event_type, event, text, now)
+        if event_type == "session.updated":
+            self.phase = Phase.OPEN
+            self.out.schedule(self._next_deadline())
+            self.out.opened()  # may deliver client frames that waited, before it returns
+
+    # -- client -> upstream --------------------------------------------------------------------
+
+    def client_text(self, text: str, now: float) -> None:
+        """A client text frame: forwarded upstream, or refused with an `error` reply."""
+        if self.phase is not Phase.OPEN:
+            return
+        try:
+            event_type, event = self.policy.client_event(text)
+        except ClientError as exc:
+            self.refuse(exc)
+            return
+        if event_type == "input_audio_buffer.commit":  # rare: once a turn
+            self.out.flush_input()
+        self.out.to_upstream(text)
+        if event_type != "input_audio_buffer.append":
+            self._activity = now  # audio alone is not activity: a silent microphone streams
+        self.meter.client_event(event_type, event, len(text), now)
+
+    def client_audio(self, append: str | None, size: int, now: float, decoded: float) -> None:
+        """A binary audio frame, decoded by the transport into `append` (None: nothing yet)."""
+        if self.phase is not Phase.OPEN:
+            return
+        if append is not None:
+            self.out.to_upstream(append)
+        self.meter.client_audio(size, now, decoded)
+
+    def refuse(self, error: ClientError) -> None:
+        """Tell the client its frame was refused; the session goes on."""
+        if self.phase is not Phase.ENDED:
+            self.out.reply(self.error_text(error))
+
+    def client_closed(self) -> None:
+        self._end(Ending(Outcome.CLIENT_CLOSED, CloseCode.NORMAL))
+
+    def client_timed_out(self) -> None:
+        self._end(
+            ending_for(ClientTimeoutError("the client did not answer keepalive pings in time"))
+        )
+
+    # -- upstream -> client --------------------------------------------------------------------
+
+    def upstream_text(self, text: str, now: float) -> None:
+        """An upstream text frame: shown to the client (redacted where the policy says)."""
+        phase = self.phase
+        if phase is Phase.ENDED:
+            return
+        try:
+            event_type, event, text = self.policy.upstream_event(text)
+            if phase is not Phase.OPEN:
+                self._starting(event_type, event, text, now)
+                return
+        except UpstreamError as exc:
+            self._end(ending_for(exc))
+            return
+        self.out.to_client(event_type, text)
+        track = self._tracked.get(event_type)
+        if track is not None:
+            track(event, now)
+        self.meter.upstream_event(event_type, event, text, now)
+
+    def upstream_closed(
+        self, code: int | None, *, keepalive_failed: bool, client_slow: bool
+    ) -> None:
+        """The upstream socket closed with `code` (None: no close frame).
+
+        `keepalive_failed`: the relay gave up on its pings; `client_slow`: the relay had stopped
+        reading the upstream because the client was not reading, which is then to blame.
+        """
+        if code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+            self._end(Ending(Outcome.COMPLETED, code))
+        elif keepalive_failed:
+            if client_slow:
+                self.fail(ClientTimeoutError("the client read too slowly to keep the session"))
+            else:
+                self.fail(UpstreamTimeoutError("the upstream stopped answering keepalive pings"))
+        elif code is None or code == CloseCode.ABNORMAL:  # no close frame: the socket was lost
+            self.fail(UpstreamClosedError("the upstream connection was lost"))
+        else:
+            self.fail(UpstreamClosedError(f"the upstream closed the session ({code})"))
+
+    def _speech_started(self, event: dict[str, Any] | None, now: float) -> None:
+        self._activity = now
+
+    def _response_created(self, event: dict[str, Any] | None, now: float) -> None:
+        response_id = _response_id(event)
+        if response_id is not None:
+            self.responses.add(response_id)
+
+    def _response_done(self, event: dict[str, Any] | None, now: float) -> None:
+        response_id = _response_id(event)
+        if response_id is not None:
+            self.responses.discard(response_id)
+
+    # -- time and the end ----------------------------------------------------------------------
+
+    def timer(self, now: float) -> None:
+        """The time asked for by `schedule` has come: end the session if a deadline passed."""
+        if self.phase is Phase.ENDED:
+            return
+        if self.phase is not Phase.OPEN:
+            if now >= self._started + self.deadlines.start_seconds:
+                self.fail(UpstreamError("the upstream did not start a session in time"))
+            else:
+                self.out.schedule(self._started + self.deadlines.start_seconds)
+            return
+        deadlines = self.deadlines
+        limit = deadlines.max_session_seconds
+        if limit is not None and now >= self._started + limit:
+            error = SessionEndedError(
+                f"the session reached its {limit:.0f} s limit", code=ErrorCode.SESSION_EXPIRED
+            )
+            self.fail(error)
+            return
+        idle = deadlines.idle_seconds
+        if idle is not None and now >= self._activity + idle:
+            self.fail(
+                SessionEndedError(
+                    f"the session was idle for {idle:.0f} s", code=ErrorCode.SESSION_IDLE
+                )
+            )
+            return
+        self.out.schedule(self._next_deadline())  # activity moved the idle deadline on
+
+    def _next_deadline(self) -> float | None:
+        deadlines = self.deadlines
+        times = []
+        if deadlines.max_session_seconds is not None:
+            times.append(self._started + deadlines.max_session_seconds)
+        if deadlines.idle_seconds is not None:
+            times.append(self._activity + deadlines.idle_seconds)
+        return min(times) if times else None
+
+    def drain(self) -> None:
+        """The relay is shutting down: end the session with 1012, so the client reconnects."""
+        self.fail(ShuttingDownError("the relay is restarting; reconnect"))
+
+    def warn(self, error: RelayError) -> None:
+        """Send `error` as a warning; the session goes on."""
+        if self.phase is not Phase.ENDED:
+            self.out.to_client("error", self.error_text(error))
+
+    def fail(self, error: RelayError) -> None:
+        """End the session because of `error`, which the client is told."""
+        self._end(ending_for(error))
+
+    def _end(self, ending: Ending) -> None:
+        if self.phase is Phase.ENDED:
+            return
+        self.phase = Phase.ENDED
+        self.ending = ending
+        self.out.schedule(None)
+        self.out.end(ending)
+
+    def error_text(self, error: RelayError) -> str:
+        """The `error` event telling this client about `error`, counted as sent."""
+        self._count_error(error.code)
+        event_id = f"{self._id_prefix}{next(self._event_ids)}"
+        event = event_for(error, event_id=event_id, client_event_id=error.client_event_id)
+        return json.dumps(event, separators=(",", ":"))
+
+
+def _caused_by(event: dict[str, Any] | None, event_id: str) -> bool:
+    error = event.get("error") if event else None
+    return isinstance(error, dict) and error.get("event_id") == event_id
+
+
+def _response_id(event: dict[str, Any] | None) -> str | None:
+    response = event.get("response") if event else None
+    response_id = response.get("id") if isinstance(response, dict) else None
+    return response_id if isinstance(response_id, str) else None

@@ -1,0 +1,5 @@
+"""`python -m bench.relay`: the relay benchmark's command line (see `bench.relay`)."""
+
+from bench.relay.cli import main
+
+main()
