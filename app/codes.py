@@ -39,3 +39,18 @@ class RejectionReason(StrEnum):
     UPSTREAM = "upstream"
     PROTOCOL = "protocol"
     SHUTDOWN = "shutdown"
+
+
+class ToolOutcome(StrEnum):
+    """How a server tool call ended: the `outcome` label of `realtime_relay_tool_calls_total`.
+
+    Whatever the outcome, the model gets an output it can read (an `{"error": ...}` object when
+    the call failed), so a conversation never stalls on a tool.
+    """
+
+    OK = "ok"
+    TRUNCATED = "truncated"  # succeeded, with an output longer than the relay passes on
+    INVALID_ARGUMENTS = "invalid_arguments"  # the model's arguments are not a JSON object
+    TIMEOUT = "timeout"
+    ERROR = "error"  # the tool answered with an error (a non-2xx status, an MCP error result)
+    UNAVAILABLE = "unavailable"  # the tool could not be reached

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     AliasChoices,
@@ -126,6 +126,68 @@ class SessionSettings(_Section):
         return tools
 
 
+_TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # what OpenAI accepts as a function name
+
+# Item kinds a client may create (conversation.item.create, response.create's input) unless its
+# tier says otherwise: its own words and the outputs of its own tools' calls.
+DEFAULT_CLIENT_MAY_CREATE: Final = ("user_message", "function_call_output")
+ITEM_KINDS: Final = frozenset(
+    {
+        "user_message",
+        "assistant_message",
+        "system_message",
+        "function_call",
+        "function_call_output",
+        "mcp_call",
+        "mcp_list_tools",
+        "mcp_approval_request",
+        "mcp_approval_response",
+    }
+)
+
+
+class HttpToolSettings(_Section):
+    """How the relay runs a server tool over HTTP: it POSTs the call as JSON to `url`."""
+
+    url: str
+    method: Literal["POST", "PUT", "GET"] = "POST"
+    # Sent with every call (e.g. an Authorization header): secrets, never logged or shown.
+    headers: dict[str, SecretStr] = {}
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
+class ServerToolSettings(_Section):
+    """One entry of RELAY_TOOLS: a function tool the relay runs itself, or an MCP server's tools.
+
+    Either `http` with `name`, `description` and `parameters` (JSON Schema), or `mcp`: the label
+    of a server in RELAY_MCP_SERVERS, whose (allowed) tools are listed at start-up and injected
+    under names prefixed with the label.
+    """
+
+    name: str | None = Field(None, pattern=_TOOL_NAME)
+    description: str = ""
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}
+    http: HttpToolSettings | None = None
+    mcp: str | None = None
+
+    @model_validator(mode="after")
+    def _one_executor(self) -> ServerToolSettings:
+        if (self.http is None) == (self.mcp is None):
+            raise ValueError("a server tool has one executor: 'http' or 'mcp'")
+        if self.http is not None and self.name is None:
+            raise ValueError("an http tool needs a 'name'")
+        return self
+
+
+class McpServerSettings(_Section):
+    """An MCP server the relay is a client of (streamable HTTP)."""
+
+    url: str
+    headers: dict[str, SecretStr] = {}
+    allowed_tools: list[str] | None = None  # None: every tool the server lists
+    timeout_seconds: float = Field(10.0, gt=0)
+
+
 class TierSettings(_Section):
     """What one tier of clients may use: models, changeable fields and limits."""
 
@@ -137,6 +199,20 @@ class TierSettings(_Section):
     max_sessions_per_client: int | None = Field(None, ge=0)
     max_session_seconds: float | None = Field(None, gt=0)
     idle_timeout_seconds: float | None = Field(None, gt=0)
+    # The server tools (RELAY_TOOLS names, or MCP labels) this tier's sessions get; None: all.
+    tools: list[str] | None = None
+    # Forward the server tools' calls and outputs to the client (for "looking it up..." UIs).
+    show_tool_calls: bool = False
+    # Item kinds a client may create (ITEM_KINDS).
+    client_may_create: list[str] = list(DEFAULT_CLIENT_MAY_CREATE)
+
+    @field_validator("client_may_create")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - ITEM_KINDS)
+        if unknown:
+            raise ValueError(f"unknown item kinds {unknown}; known: {sorted(ITEM_KINDS)}")
+        return kinds
 
 
 class JwtSettings(_Section):
@@ -218,6 +294,13 @@ class Settings(BaseSettings):
     # Browser origins allowed to open /ws ("*": any). The page's own origin is always allowed.
     allowed_origins: list[str] = []
     prices: dict[str, ModelPrice] = DEFAULT_PRICES
+    # Server tools: run by the relay, hidden from clients (app/tools/).
+    tools: list[ServerToolSettings] = []
+    mcp_servers: dict[str, McpServerSettings] = {}
+    # Server tool calls one session may run at once; more wait their turn.
+    tool_concurrency: int = Field(4, ge=1)
+    # The longest tool output the model gets; longer is cut, and says so.
+    tool_max_output_chars: int = Field(16_000, ge=256)
     # Largest client message accepted; larger ones close the session with 1009.
     client_max_message_bytes: int = Field(16 * 2**20, ge=2**16)
     # Frames one client message may be split into (RFC 6455 §5.4): each costs bookkeeping
@@ -262,6 +345,24 @@ class Settings(BaseSettings):
                 raise ValueError(f"RELAY_CLIENT_KEYS: {name} maps to unknown tier {tier!r}")
         if self.anonymous_tier and self.anonymous_tier not in self.tiers:
             raise ValueError(f"RELAY_ANONYMOUS_TIER: unknown tier {self.anonymous_tier!r}")
+        names = [tool.name for tool in self.tools if tool.name is not None]
+        labels = [tool.mcp for tool in self.tools if tool.mcp is not None]
+        if len(set(names)) != len(names):
+            raise ValueError("RELAY_TOOLS: two tools share a name")
+        for label in labels:
+            if label not in self.mcp_servers:
+                raise ValueError(f"RELAY_TOOLS: no MCP server {label!r} in RELAY_MCP_SERVERS")
+        client_tools = {str(tool.get("name")) for tool in self.session.tools}
+        if client_tools & set(names):
+            raise ValueError(
+                "RELAY_TOOLS: a server tool has the name of a RELAY_SESSION__TOOLS tool"
+            )
+        for tier_name, tier_settings in self.tiers.items():
+            for tool_name in tier_settings.tools or []:
+                if tool_name not in names and tool_name not in labels:
+                    raise ValueError(
+                        f"RELAY_TIERS: tier {tier_name!r} names unknown server tool {tool_name!r}"
+                    )
         if self.upstream.kind is UpstreamKind.AZURE and "api-version" in self.upstream.url:
             raise ValueError("RELAY_UPSTREAM__URL: the Azure GA endpoint takes no api-version")
         return self

@@ -8,6 +8,8 @@ and a message that is safe to show (no keys, no other tenants' data)::
     ├── ClientError                 the client's doing; the session stays open
     │   ├── InvalidEventError       invalid_json / invalid_event / unknown_event_type
     │   ├── FieldLockedError        field_locked: a change the tier does not allow
+    │   ├── ItemNotAllowedError     item_not_allowed / invalid_call_id: an item the client may
+    │   │                           not create (a forged tool call, or an output for no open call)
     │   └── InvalidAudioError       invalid_audio
     ├── AdmissionError              refused before any upstream connection (close 1008)
     │   ├── UnauthorizedError       unauthorized
@@ -67,6 +69,8 @@ class ErrorCode(StrEnum):
     INVALID_EVENT = "invalid_event"
     UNKNOWN_EVENT_TYPE = "unknown_event_type"
     FIELD_LOCKED = "field_locked"
+    ITEM_NOT_ALLOWED = "item_not_allowed"
+    INVALID_CALL_ID = "invalid_call_id"
     INVALID_AUDIO = "invalid_audio"
     # AdmissionError: refused before any upstream connection
     UNAUTHORIZED = "unauthorized"
@@ -169,6 +173,14 @@ class FieldLockedError(ClientError):
     """A change to session fields the client's tier does not allow."""
 
     code = ErrorCode.FIELD_LOCKED
+
+
+class ItemNotAllowedError(ClientError):
+    """An item the client may not create: a kind its tier does not allow (a tool call, an MCP
+    item, an assistant message), or a tool output for no open call of a client tool
+    (`code=INVALID_CALL_ID`)."""
+
+    code = ErrorCode.ITEM_NOT_ALLOWED
 
 
 class InvalidAudioError(ClientError):

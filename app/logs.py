@@ -116,3 +116,7 @@ def configure_logging(level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # The tool clients' per-request lines (method and URL of each tool call) are noise at INFO;
+    # the relay logs each call's tool, outcome and duration itself (app/tools).
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

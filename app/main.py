@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.client_secrets import client_secrets_router
+from app.api.demo import demo_router
 from app.audio.wire import OUTPUT_CODECS
 from app.auth.credentials import credential_from
 from app.config import Settings, load_settings
@@ -33,6 +34,7 @@ from app.errors import RelayError
 from app.limits import make_limiter
 from app.logs import configure_logging, guard_wire_logs
 from app.metrics import RelayMetrics
+from app.tools import Toolbox
 from app.transport import fast
 from app.transport.relay import Receive, Relay, Scope, Send
 
@@ -90,7 +92,8 @@ def create_app(settings: Settings | None = None) -> RelayApp:
     guard_wire_logs()
     logger.debug("websockets' DEBUG lines (handshake headers, frames) are left out of the logs")
     metrics = RelayMetrics(settings)
-    relay = Relay(settings, metrics, make_limiter(settings))
+    toolbox = Toolbox(settings, metrics)
+    relay = Relay(settings, metrics, make_limiter(settings), toolbox)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -99,9 +102,11 @@ def create_app(settings: Settings | None = None) -> RelayApp:
                 "DEMO MODE: no OPENAI_API_KEY; sessions go to the local echo upstream at %s",
                 settings.upstream.url,
             )
+        await toolbox.start()  # lists the MCP servers' tools; bounded, never raises
         try:
             yield {"relay": relay}
         finally:
+            await toolbox.aclose()
             await relay.limiter.aclose()
 
     app = FastAPI(title="realtime-relay", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -131,6 +136,8 @@ def create_app(settings: Settings | None = None) -> RelayApp:
         return JSONResponse({"status": "ready"})
 
     app.include_router(client_secrets_router(relay.auth, settings))
+    if settings.upstream.demo:  # the demo's get_time tool (app/api/demo.py)
+        app.include_router(demo_router())
 
     @app.get("/metrics", include_in_schema=False)
     async def scrape() -> Response:

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from app.audio.codecs import InputCodec, OutputCodec, UpstreamFormat
 from app.audio.wire import ClientAudio
-from app.codes import Outcome, RejectionReason
+from app.codes import Outcome, RejectionReason, ToolOutcome
 from app.config import Settings
 from app.core.usage import ALL_KINDS, Kind, per_token_prices, price_lookup, split_usage
 from app.errors import CloseCode, ErrorCode, UpstreamErrorCode
@@ -51,6 +51,7 @@ class AudioDirection(StrEnum):
 # Label sets, derived from the vocabularies (`codes.py`, `errors.py`, `audio.codecs`).
 OUTCOMES: Final = frozenset(outcome.value for outcome in Outcome)
 REJECTION_REASONS: Final = frozenset(reason.value for reason in RejectionReason)
+TOOL_OUTCOMES: Final = frozenset(outcome.value for outcome in ToolOutcome)
 # Error codes with a series of their own: the relay's and the upstream's (REALTIME.md §10).
 ERROR_CODES: Final = frozenset(code.value for code in (*ErrorCode, *UpstreamErrorCode))
 CLOSE_CODES: Final = frozenset(str(code.value) for code in CloseCode)
@@ -69,6 +70,7 @@ ADDED_LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5
 TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 CONNECT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+TOOL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TRANSCODE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
 
 
@@ -219,6 +221,16 @@ class RelayMetrics:
             "transcode_seconds", "Time to transcode one audio frame.", ["operation"],
             buckets=TRANSCODE_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
+        self.tool_calls = Counter(
+            "tool_calls", "Server tool calls the relay ran, by tool and outcome.",
+            ["tool", "outcome"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.tool_seconds = Histogram(
+            "tool_seconds", "Time a server tool call took.", ["tool"],
+            buckets=TOOL_BUCKETS, namespace=ns, registry=reg,
+        )  # fmt: skip
+        # Tool labels: the names RELAY_TOOLS gives, and those MCP servers list (`known_tools`).
+        self.tools = frozenset(tool.name for tool in settings.tools if tool.name is not None)
         self._usage: dict[tuple[str, str], tuple[dict[Kind, Counter], dict[Kind, float] | None]]
         self._usage = {}
         self.traffic = TrafficCollector()
@@ -235,6 +247,7 @@ class RelayMetrics:
                 self.rejections.labels(tier, reason)
         for direction in DIRECTIONS:
             self.added_latency.labels(direction)
+        self.known_tools(())
 
     def tier_label(self, tier: str) -> str:
         return _known(tier, self.tiers)
@@ -253,6 +266,20 @@ class RelayMetrics:
     def relay_error(self, code: str) -> None:
         """Count an `error` event the relay itself sent."""
         self.error("relay", code)
+
+    def known_tools(self, names: Iterable[str]) -> None:
+        """Give the server tools (those MCP servers listed included) series of their own."""
+        self.tools = self.tools | frozenset(names)
+        for name in self.tools:
+            self.tool_seconds.labels(name)
+            for outcome in ToolOutcome:
+                self.tool_calls.labels(name, outcome)
+
+    def tool_call(self, tool: str, outcome: str, seconds: float) -> None:
+        """Count a server tool call that ended with `outcome` after `seconds`."""
+        label = _known(tool, self.tools)
+        self.tool_calls.labels(label, _known(outcome, TOOL_OUTCOMES)).inc()
+        self.tool_seconds.labels(label).observe(seconds)
 
     def upstream_closed(self, code: int | None) -> None:
         self.upstream_closes.labels(_known(str(code), CLOSE_CODES)).inc()

@@ -50,13 +50,16 @@ fi
 install_system_packages
 
 if [ "$mode" = test ]; then
-  # The Firefox page test's driver (tests/firefox); installed again when its lock file changes.
-  lock=tests/firefox/package-lock.json
-  npm_stamp="tests/firefox/node_modules/.installed-$(sha256sum "$lock" | cut -c1-16)"
-  if [ ! -f "$npm_stamp" ]; then
-    npm ci --prefix tests/firefox --no-audit --no-fund --loglevel=error
-    touch "$npm_stamp"
-  fi
+  # The Node test drivers: the Firefox page test's (tests/firefox) and the @openai/agents
+  # client's (tests/agents); each installed again when its lock file changes.
+  for npm_dir in tests/firefox tests/agents; do
+    lock=$npm_dir/package-lock.json
+    npm_stamp="$npm_dir/node_modules/.installed-$(sha256sum "$lock" | cut -c1-16)"
+    if [ ! -f "$npm_stamp" ]; then
+      npm ci --prefix "$npm_dir" --no-audit --no-fund --loglevel=error
+      touch "$npm_stamp"
+    fi
+  done
 fi
 
 extras=""

@@ -281,3 +281,37 @@ async def start_relay(
                 pass
             assert process.returncode is None, await relay.stop()
             await asyncio.sleep(0.05)
+
+
+async def run_node_driver(command: list[str], within: float, env: dict[str, str] | None = None):
+    """Run a Node driver (and whatever it starts) in its own process group, bounded: SIGTERM
+    past `within` seconds (so it can clean up), SIGKILL for what is left; its last line as JSON."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    timed_out = False
+    try:
+        async with asyncio.timeout(within):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        timed_out = True
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(5):
+                stdout, stderr = await process.communicate()
+        except TimeoutError:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = await process.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # children that outlived the driver
+            os.killpg(process.pid, signal.SIGKILL)
+    errors = stderr.decode(errors="replace")
+    if timed_out:
+        raise AssertionError(f"{command[-1]} took over {within:.0f} s\n{errors}")
+    output = stdout.decode(errors="replace").strip()
+    assert process.returncode == 0, f"{command[-1]} exited {process.returncode}\n{errors}{output}"
+    return json.loads(output.splitlines()[-1])

@@ -29,6 +29,8 @@ PUBLIC_ERROR_CODES = {
     "invalid_event",
     "unknown_event_type",
     "field_locked",
+    "item_not_allowed",
+    "invalid_call_id",
     "invalid_audio",
     "unauthorized",
     "origin_not_allowed",

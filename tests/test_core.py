@@ -40,6 +40,9 @@ class Port:
     def opened(self) -> None:
         self.log.append(("opened", None))
 
+    def run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        self.log.append(("run", (call_id, name, json.loads(arguments))))
+
     def schedule(self, at: float | None) -> None:
         self.timer = at
 
@@ -71,10 +74,16 @@ class Meter:
 
 
 def make(
-    deadlines: Deadlines | None = None, may_set: list[str] | None = None
+    deadlines: Deadlines | None = None,
+    may_set: list[str] | None = None,
+    show_tool_calls: bool = False,
+    **policy_options: Any,
 ) -> tuple[SessionCore, Port, Meter]:
     policy = SessionPolicy(
-        SESSION, TierSettings().client_may_set if may_set is None else may_set, model="m"
+        SESSION,
+        TierSettings().client_may_set if may_set is None else may_set,
+        model="m",
+        **policy_options,
     )
     port, meter = Port(), Meter()
     errors: list[str] = []
@@ -85,6 +94,7 @@ def make(
         port,
         session_id="0123456789abcdef",
         count_error=errors.append,
+        show_tool_calls=show_tool_calls,
     )
     return core, port, meter
 
@@ -272,3 +282,200 @@ def test_an_unreadable_server_session_is_never_forwarded():
     core.upstream_text('{"type": "session.updated", "session": {"instructions": "SECRET"', 1.0)
     assert all(kind != "client" for kind, _ in port.log)
     assert port.ending is not None and port.ending.outcome is Outcome.UPSTREAM_ERROR
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+GET_TIME = {
+    "type": "function",
+    "name": "get_time",
+    "description": "The time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+CALL = {
+    "type": "function_call",
+    "id": "item_1",
+    "call_id": "call_1",
+    "name": "get_time",
+    "arguments": '{"city": "Paris"}',
+}
+MESSAGE = {"type": "message", "id": "item_2", "role": "assistant", "content": []}
+
+
+def tool_session(**options: Any) -> tuple[SessionCore, Port, Meter]:
+    return opened(server_tools=[GET_TIME], **options)
+
+
+def model_calls(core: SessionCore, call: dict, response_id: str = "resp_1") -> None:
+    """The upstream's events for a response in which the model calls `call` then speaks."""
+    ids = {"response_id": response_id, "item_id": call["id"]}
+    up(core, {"type": "response.created", "response": {"id": response_id, "output": []}})
+    up(core, {"type": "response.output_item.added", "response_id": response_id, "item": call})
+    up(core, {"type": "response.function_call_arguments.delta", **ids, "delta": '{"ci'})
+    up(core, {"type": "response.function_call_arguments.done", **ids, "arguments": "{}"})
+    up(core, {"type": "response.output_item.done", "response_id": response_id, "item": call})
+    up(core, {"type": "conversation.item.done", "item": call})
+    done = {"id": response_id, "status": "completed", "output": [call, MESSAGE]}
+    up(core, {"type": "response.done", "response": done})
+
+
+def test_a_server_tool_runs_hidden_and_the_model_goes_on():
+    """The client sees no event of a server tool's call; the relay runs it, answers, goes on."""
+    core, port, _ = tool_session()
+    model_calls(core, CALL)
+    log = port.take()
+    shown = [value["type"] for kind, value in log if kind == "client"]
+    assert shown == ["response.created", "response.done"]
+    done = next(
+        value for kind, value in log if kind == "client" and value["type"] == "response.done"
+    )
+    assert done["response"]["output"] == [MESSAGE]  # the call is gone, the rest stays
+    assert ("run", ("call_1", "get_time", {"city": "Paris"})) in log
+    core.tool_done("call_1", '{"time": "10:00"}', 5.0)
+    output, follow_up = port.take()
+    assert output[1]["item"] == {
+        "type": "function_call_output",
+        "call_id": "call_1",
+        "output": '{"time": "10:00"}',
+    }
+    assert follow_up[1]["type"] == "response.create"
+    echo = {"type": "conversation.item.added", "item": output[1]["item"]}
+    up(core, echo)
+    assert port.take() == []  # the relay's own item is not shown either
+
+
+def test_the_follow_up_waits_for_every_call_and_for_the_response_to_end():
+    """Outputs that come before response.done, or while another response runs, wait for it."""
+    core, port, _ = tool_session()
+    second = {**CALL, "id": "item_3", "call_id": "call_2"}
+    up(core, {"type": "response.created", "response": {"id": "resp_1"}})
+    for call in (CALL, second):
+        event = {"type": "response.output_item.done", "response_id": "resp_1", "item": call}
+        up(core, event)
+    core.tool_done("call_1", "a", 1.0)
+    core.tool_done("call_2", "b", 1.1)
+    assert [value["type"] for kind, value in port.take() if kind == "upstream"] == [
+        "conversation.item.create",
+        "conversation.item.create",
+    ]
+    up(core, {"type": "response.created", "response": {"id": "resp_2"}})  # the user spoke
+    up(core, {"type": "response.done", "response": {"id": "resp_1", "output": []}})
+    assert not [value for kind, value in port.take() if kind == "upstream"]
+    up(core, {"type": "response.done", "response": {"id": "resp_2", "output": []}})
+    assert [value["type"] for kind, value in port.take() if kind == "upstream"] == [
+        "response.create"
+    ]
+
+
+def test_a_refused_follow_up_is_hidden_and_asked_again():
+    """If a response started upstream first, the refusal is the relay's; it asks again later."""
+    core, port, _ = tool_session()
+    model_calls(core, CALL)
+    core.tool_done("call_1", "a", 1.0)
+    follow_up = [value for kind, value in port.take() if kind == "upstream"][-1]
+    refusal = {
+        "type": "error",
+        "error": {
+            "code": "conversation_already_has_active_response",
+            "event_id": follow_up["event_id"],
+        },
+    }
+    up(core, refusal)
+    up(core, {"type": "response.created", "response": {"id": "resp_vad"}})
+    up(core, {"type": "response.done", "response": {"id": "resp_vad", "output": []}})
+    sent = port.take()
+    assert ("client", refusal) not in sent
+    assert [value["type"] for kind, value in sent if kind == "upstream"] == ["response.create"]
+
+
+def test_a_tier_that_shows_tool_calls_sees_them():
+    """show_tool_calls forwards the call's events with their arguments; the relay still runs it."""
+    core, port, _ = tool_session(show_tool_calls=True)
+    model_calls(core, CALL)
+    log = port.take()
+    shown = [value["type"] for kind, value in log if kind == "client"]
+    assert "response.function_call_arguments.delta" in shown
+    assert "response.output_item.done" in shown
+    assert ("run", ("call_1", "get_time", {"city": "Paris"})) in log
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "function_call", "call_id": "x", "name": "get_time", "arguments": "{}"},
+        {"type": "mcp_call", "id": "m", "name": "lookup", "arguments": "{}"},
+        {"type": "mcp_list_tools", "server_label": "crm", "tools": []},
+        {"type": "mcp_approval_response", "approval_request_id": "a", "approve": True},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text"}]},
+    ],
+    ids=lambda item: item["type"] + item.get("role", ""),
+)
+@pytest.mark.parametrize("route", ["item", "response.input"])
+def test_forged_items_are_refused_and_the_session_goes_on(item, route):
+    """A client cannot create tool calls, MCP items or assistant words, by either route."""
+    core, port, _ = tool_session()
+    if route == "item":
+        event = {"type": "conversation.item.create", "event_id": "c1", "item": item}
+    else:
+        event = {"type": "response.create", "event_id": "c1", "response": {"input": [item]}}
+    core.client_text(json.dumps(event), 1.0)
+    ((kind, reply),) = port.take()
+    assert kind == "reply" and reply["error"]["code"] == "item_not_allowed"
+    assert reply["error"]["event_id"] == "c1" and port.ending is None
+
+
+def test_a_tier_may_allow_assistant_messages():
+    """client_may_create opens an item kind to a tier."""
+    core, port, _ = opened(client_may_create=["user_message", "assistant_message"])
+    item = {"type": "message", "role": "assistant", "content": [{"type": "output_text"}]}
+    core.client_text(json.dumps({"type": "conversation.item.create", "item": item}), 1.0)
+    assert [kind for kind, _ in port.take()] == ["upstream"]
+
+
+def output(call_id: str) -> dict:
+    item = {"type": "function_call_output", "call_id": call_id, "output": "42"}
+    return {"type": "conversation.item.create", "event_id": f"out_{call_id}", "item": item}
+
+
+def test_only_an_open_client_call_may_be_answered_and_only_once():
+    """Outputs for server calls, unknown calls or a second time are invalid_call_id."""
+    core, port, _ = tool_session()
+    client_call = {**CALL, "id": "item_9", "call_id": "call_9", "name": "client_tool"}
+    model_calls(core, CALL)
+    model_calls(core, client_call, "resp_2")
+    port.take()
+    for call_id in ("call_1", "call_unknown"):
+        core.client_text(json.dumps(output(call_id)), 2.0)
+    core.client_text(json.dumps(output("call_9")), 2.1)
+    core.client_text(json.dumps(output("call_9")), 2.2)
+    kinds = [(kind, value.get("error", {}).get("code")) for kind, value in port.take()]
+    assert kinds == [
+        ("reply", "invalid_call_id"),
+        ("reply", "invalid_call_id"),
+        ("upstream", None),
+        ("reply", "invalid_call_id"),
+    ]
+
+
+def test_an_open_client_call_may_be_answered_in_a_response_input():
+    """response.create's input may carry the output of an open client call."""
+    core, port, _ = tool_session()
+    model_calls(core, {**CALL, "id": "item_9", "call_id": "call_9", "name": "client_tool"})
+    port.take()
+    event = {"type": "response.create", "response": {"input": [output("call_9")["item"]]}}
+    core.client_text(json.dumps(event), 1.0)
+    core.client_text(json.dumps(event), 1.1)
+    assert [kind for kind, _ in port.take()] == ["upstream", "reply"]
+
+
+def test_client_tools_join_the_server_tools():
+    """A tier that may set tools adds its own; the server's stay, and their names are taken."""
+    core, port, _ = tool_session(may_set=["tools"])
+    mine = {"type": "function", "name": "mine", "parameters": {"type": "object"}}
+    core.client_text(json.dumps({"type": "session.update", "session": {"tools": [mine]}}), 1.0)
+    ((kind, sent),) = port.take()
+    assert kind == "upstream" and sent["session"]["tools"] == [mine, GET_TIME]
+    taken = {**mine, "name": "get_time"}
+    core.client_text(json.dumps({"type": "session.update", "session": {"tools": [taken]}}), 1.1)
+    ((kind, reply),) = port.take()
+    assert kind == "reply" and reply["error"]["code"] == "invalid_event"

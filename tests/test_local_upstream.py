@@ -8,11 +8,14 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+# jsonschema, the reference validator, comes with the dev extra (kubernetes-validate needs it).
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.local_upstream import LocalUpstream
+from app.local_upstream.arguments import build_arguments
 from app.local_upstream.pcm import PCMU, tone
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
@@ -439,6 +442,147 @@ async def test_function_call_round_trip(upstream: LocalUpstream) -> None:
         await _send(ws, "response.create")
         answer = (await _until(ws, "response.done"))[-1]["response"]
     assert answer["output"][0]["content"][0]["transcript"] == "The tool returned: 18 C"
+
+
+def _object(required: bool = True, **properties: Any) -> dict[str, Any]:
+    """An object schema with these properties, all required unless said otherwise."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = list(properties)
+    return schema
+
+
+STRING: dict[str, Any] = {"type": "string"}
+UNIT = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+DAYS = {"type": "integer", "minimum": 1, "maximum": 7}
+WEATHER = _object(city=STRING, unit=UNIT, days=DAYS)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "text", "expected"),
+    [
+        (_object(city=STRING), "what time is it in Paris", {"city": "Paris"}),
+        (_object(city=STRING), "Please use get_weather for New York.", {"city": "New York"}),
+        (_object(city=STRING), "get_weather lisbon", {"city": "lisbon"}),
+        (
+            _object(city=STRING, country=STRING),
+            "in Paris, France",
+            {"city": "Paris", "country": "France"},
+        ),
+        (_object(query=STRING), 'search for "blue whales" now', {"query": "blue whales"}),
+        (_object(topic=STRING), "tell me about the history of jazz", {"topic": "history of jazz"}),
+        (
+            _object(origin=STRING, to=STRING),
+            "fly origin Oslo to Rome",
+            {"origin": "Oslo", "to": "Rome"},
+        ),
+        (
+            _object(city=STRING, unit=UNIT),
+            "weather in Paris in fahrenheit",
+            {"city": "Paris", "unit": "fahrenheit"},
+        ),
+        (_object(city=STRING, unit=UNIT), "weather in Paris", {"city": "Paris", "unit": "celsius"}),
+        (_object(days=DAYS), "the forecast for 3 days", {"days": 3}),
+        (_object(days=DAYS), "the forecast for 30 days", {"days": 7}),
+        (_object(days=DAYS | {"minimum": 2}), "the forecast", {"days": 2}),
+        (
+            _object(zip=STRING, days=DAYS),
+            "weather in 10001 for 2 days",
+            {"zip": "10001", "days": 2},
+        ),
+        (_object(price={"type": "number"}), "is 2.5 too much", {"price": 2.5}),
+        (_object(umbrella={"type": "boolean"}), "do I need an umbrella? yes", {"umbrella": True}),
+        (_object(umbrella={"type": "boolean"}), "do I need an umbrella", {"umbrella": False}),
+        (_object(required=False, city=STRING, days=DAYS), "hello there", {}),
+        ({"type": "object", "properties": {}}, "what time is it in Paris", {}),
+        ({"type": "object"}, "what time is it in Paris", {}),
+        (None, "what time is it in Paris", {}),
+    ],
+)
+def test_arguments_come_from_the_users_words(
+    parameters: Any, text: str, expected: dict[str, Any]
+) -> None:
+    """Tool-call arguments take strings, enum values, numbers and booleans from the text."""
+    arguments = build_arguments(parameters, text, tool_name="get_weather")
+    assert arguments == expected
+    if parameters is not None:
+        jsonschema.Draft202012Validator(parameters).validate(arguments)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        WEATHER,
+        _object(name={"type": "string", "minLength": 4, "maxLength": 6}),
+        _object(ratio={"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+        _object(count={"type": "integer", "exclusiveMinimum": 2.5, "maximum": 9}),
+        _object(level={"type": "integer", "enum": [1, 2, 3]}, mode={"const": "fast"}),
+        _object(note={"type": ["null", "string"]}, flag={"anyOf": [{"type": "boolean"}]}),
+        _object(nothing={"type": "null"}, anything={}),
+        _object(
+            tags={"type": "array", "items": STRING, "minItems": 2},
+            where=_object(city=STRING, days=DAYS),
+            extra={"type": "array", "items": {"type": "integer"}},
+        ),
+        {"type": "object", "properties": {"city": STRING}, "required": ["city", "country"]},
+        {
+            "type": "object",
+            "properties": {"unit": UNIT | {"default": "fahrenheit"}},
+            "required": ["unit"],
+        },
+    ],
+)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "what time is it in Paris",
+        "Set it to 0.5, 12 or -3 in fahrenheit? no. Mode 3!",
+        "x" * 300,
+    ],
+)
+def test_arguments_always_fit_the_schema(parameters: dict[str, Any], text: str) -> None:
+    """Whatever the text, the arguments validate against the tool's parameters schema."""
+    arguments = build_arguments(parameters, text, tool_name="get_weather")
+    jsonschema.Draft202012Validator(parameters).validate(arguments)
+    assert json.loads(json.dumps(arguments)) == arguments
+
+
+async def test_tool_call_arguments_fit_the_schema_on_the_wire(upstream: LocalUpstream) -> None:
+    """Over a socket, the call's streamed arguments fit the tool's schema; its output comes back."""
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER}
+    async with _connect(upstream) as ws:
+        await _recv(ws)
+        await _session_update(ws, tools=[tool], output_modalities=["text"])
+        await _user_text(
+            ws, "What's the weather in Paris for 3 days in fahrenheit? Use get_weather."
+        )
+        await _send(ws, "response.create")
+        events = await _until(ws, "response.done")
+        deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
+        done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+        item = next(e for e in events if e["type"] == "response.output_item.done")["item"]
+        call = events[-1]["response"]["output"][0]
+        assert len(deltas) > 1 and "".join(d["delta"] for d in deltas) == done["arguments"]
+        assert done["arguments"] == item["arguments"] == call["arguments"]
+        assert {d["call_id"] for d in deltas} == {done["call_id"], call["call_id"]}
+        arguments = json.loads(call["arguments"])
+        jsonschema.Draft202012Validator(WEATHER).validate(arguments)
+        assert arguments == {"city": "Paris", "unit": "fahrenheit", "days": 3}
+
+        # Forced by a response's tool_choice, with words that do not name the tool.
+        await _user_text(ws, "And in Tokyo?")
+        choice = {"type": "function", "name": "get_weather"}
+        await _send(ws, "response.create", response={"tool_choice": choice})
+        forced = (await _until(ws, "response.done"))[-1]["response"]["output"][0]
+        assert json.loads(forced["arguments"]) == {"city": "Tokyo", "unit": "celsius", "days": 1}
+
+        output = {"type": "function_call_output", "call_id": call["call_id"], "output": "21 F"}
+        await _send(ws, "conversation.item.create", item=output)
+        await _until(ws, "conversation.item.done")
+        await _send(ws, "response.create")
+        answer = (await _until(ws, "response.done"))[-1]["response"]
+    assert "21 F" in answer["output"][0]["content"][0]["text"]
 
 
 async def test_out_of_band_text_response(upstream: LocalUpstream) -> None:

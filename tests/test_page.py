@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import soxr
 from playwright.async_api import Page, async_playwright
 
+from app.api.demo import demo_tool
 from tests.helpers import relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.timeout(120)]
@@ -474,4 +476,76 @@ async def test_push_to_talk_over_opus(tmp_path, upstream, relay_factory):
         got_start, got_end = speech_span(received)
         assert abs((got_end - got_start) - (end - start)) <= 0.1 * (end - start)
         assert best_correlation(source[start:end], received) > 0.8
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+def silence_wav(path: Path, seconds: float = 1.0) -> Path:
+    """48 kHz mono 16-bit silence: a microphone that never starts a turn."""
+    with wave.open(str(path), "wb") as sink:
+        sink.setnchannels(1)
+        sink.setsampwidth(2)
+        sink.setframerate(48_000)
+        sink.writeframes(b"\0\0" * int(48_000 * seconds))
+    return path
+
+
+# Every text the page's tool lines showed, in order (the "looking up" line lasts a moment only).
+TOOL_LINES = """(() => {
+    const texts = (window.toolTexts = []);
+    const record = () => {
+        for (const line of document.querySelectorAll(".turn.tool .text")) {
+            if (!texts.includes(line.textContent)) texts.push(line.textContent);
+        }
+    };
+    document.addEventListener("DOMContentLoaded", () => {
+        const options = { childList: true, subtree: true, characterData: true };
+        new MutationObserver(record).observe(document.body, options);
+    });
+})();"""
+
+
+@pytest.mark.parametrize("show", [True, False], ids=["shown", "hidden"])
+async def test_server_tool_activity(tmp_path, upstream, relay_factory, show):
+    """A tier showing tool calls: the page shows the lookup and its result; otherwise nothing."""
+    # The demo's get_time tool, served by a second relay in demo mode (its own route).
+    tool_host = await relay_factory(relay_settings(upstream.url, upstream={"demo": True}))
+    tiers = {"default": {"show_tool_calls": show}}
+    tool = demo_tool(tool_host.http_url)
+    relay = await relay_factory(relay_settings(upstream.url, tools=[tool], tiers=tiers))
+    wav = silence_wav(tmp_path / "silence.wav")
+    async with async_playwright() as playwright:
+        page = await open_page(
+            playwright, wav, tmp_path / "profile", relay.http_url + "/", TOOL_LINES
+        )
+        await page.wait_for_function("document.querySelector('#model').options.length > 0")
+        await page.get_by_role("button", name="Connect").click()
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+        await page.get_by_label("Message").fill("Please get time in Paris.")
+        await page.get_by_role("button", name="Send").click()
+        answer = page.locator(".turn.assistant").get_by_text("The tool returned:")
+        await answer.wait_for()
+        said = await answer.text_content()
+        assert '"city":"Paris"' in said.replace(" ", ""), said
+        texts = await page.evaluate("window.toolTexts")
+        lines = page.locator(".turn.tool")
+        if show:
+            assert await lines.count() == 1
+            final = await lines.first.text_content()
+            assert re.fullmatch(
+                r'get_time → \{"city":"Paris","time":"\d\d:\d\d","timezone":"Europe/Paris"\}',
+                final.strip(),
+            ), final
+            assert "looking up get_time(city: Paris)…" in texts, texts
+            # The line comes before the answer, in the transcript's order.
+            order = await page.evaluate(
+                "[...document.querySelectorAll('#transcript > li')].map((li) => li.classList[1])"
+            )
+            assert order.index("tool") < order.index("assistant"), order
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "page-tools.png"), full_page=True)
+        else:
+            assert await lines.count() == 0
+            assert texts == []
         assert page.errors == []  # type: ignore[attr-defined]

@@ -13,19 +13,16 @@ installs both.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import relay_settings
+from tests.helpers import relay_settings, run_node_driver
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.node, pytest.mark.timeout(120)]
 
@@ -61,38 +58,8 @@ def driver_command(url: str, device_rate: int | None) -> list[str]:
 
 
 async def run_driver(command: list[str]) -> dict:
-    """Run the Node driver (and the Firefox it starts) in its own process group, bounded."""
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        async with asyncio.timeout(DRIVER_TIMEOUT):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        # SIGTERM lets puppeteer close Firefox and remove its profile; then nothing is left.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            async with asyncio.timeout(5):
-                stdout, stderr = await process.communicate()
-        except TimeoutError:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = await process.communicate()
-        pytest.fail(
-            f"the Firefox run took over {DRIVER_TIMEOUT:.0f} s\n{stderr.decode(errors='replace')}"
-        )
-    finally:
-        try:  # Firefox's child processes, should any outlive the driver
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    output = stdout.decode(errors="replace").strip()
-    assert process.returncode == 0, (
-        f"page_smoke.mjs exited {process.returncode}\n{stderr.decode(errors='replace')}{output}"
-    )
-    return json.loads(output.splitlines()[-1])
+    """Run the Node driver (and the Firefox it starts), bounded; its JSON summary."""
+    return await run_node_driver(command, DRIVER_TIMEOUT)
 
 
 def sent_audio(record, item_id: str) -> int:

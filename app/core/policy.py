@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from app.config import SessionSettings
-from app.errors import ClientError, FieldLockedError, InvalidEventError, UpstreamError
+from app.config import DEFAULT_CLIENT_MAY_CREATE, ITEM_KINDS, SessionSettings
+from app.errors import (
+    ClientError,
+    FieldLockedError,
+    InvalidEventError,
+    ItemNotAllowedError,
+    UpstreamError,
+)
 
 # The top-level fields of each client event a Realtime server accepts (REALTIME.md §2, §3; the
 # GA `*EventParam` types of the official openai-python SDK): every event has `type` and an
@@ -54,9 +60,21 @@ PARSED_UPSTREAM_TYPES: Final = frozenset(
         "session.created",
         "session.updated",
         "response.created",
+        "response.output_item.done",  # the model's tool calls: what a client may answer
         "response.done",
         "error",
         "conversation.item.input_audio_transcription.completed",
+    }
+)
+# Parsed as well where the session has server tools: the events of their calls, to hide them.
+SERVER_TOOL_EVENT_TYPES: Final = frozenset(
+    {
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "conversation.item.added",
+        "conversation.item.done",
+        "conversation.item.created",
     }
 )
 _SESSION_EVENTS = frozenset({"session.created", "session.updated"})
@@ -80,9 +98,9 @@ PRIVATE_SESSION_PATHS: Final = (
     "audio.input.transcription.keywords",
 )
 
-# Tool fields holding credentials (an MCP tool's `authorization` and `headers`, REALTIME.md
-# §18.1): never shown to a client, whatever its tier.
-TOOL_CREDENTIAL_FIELDS: Final = frozenset({"authorization", "headers"})
+# Tool fields holding credentials or where they go (an MCP tool's `authorization`, `headers`
+# and `server_url`, REALTIME.md §18.1): never shown to a client, whatever its tier.
+TOOL_CREDENTIAL_FIELDS: Final = frozenset({"authorization", "headers", "server_url"})
 # What a client sees of a tool its tier may not set: what it is called.
 _TOOL_NAME_FIELDS = ("type", "name", "server_label")
 
@@ -194,8 +212,10 @@ class SessionPolicy:
     or a per-response override outside `client_may_set` is `field_locked`. A message's `role`
     (in `conversation.item.create` and in each item of `response.create`'s `response.input`) is
     `user` or `assistant`, or `system` where the tier may set `instructions` (otherwise
-    `field_locked`); any other value is `invalid_event`. JSON nested deeper than the decoder's
-    recursion limit is `invalid_event`.
+    `field_locked`); any other value is `invalid_event`. An item of a kind outside the tier's
+    `client_may_create` (`config.ITEM_KINDS`: an assistant message, a function call, an MCP
+    item...) is `item_not_allowed`. JSON nested deeper than the decoder's recursion limit is
+    `invalid_event`.
 
     Server sessions (`session.created`, `session.updated`) are shown to the client without
     what the tier may not set of: the instructions, the prompt template (`prompt`), `tracing`,
@@ -211,6 +231,9 @@ class SessionPolicy:
         model: the upstream model of this session.
         input_format: the GA `audio.input.format` the upstream gets (set by the audio layer).
         output_format: the GA `audio.output.format` the upstream sends.
+        client_may_create: the item kinds a client may create.
+        server_tools: the definitions of the server tools the session gets, injected with the
+            client tools of `session.tools`.
     """
 
     def __init__(
@@ -221,8 +244,16 @@ class SessionPolicy:
         model: str,
         input_format: dict[str, Any] | None = None,
         output_format: dict[str, Any] | None = None,
+        client_may_create: Iterable[str] = DEFAULT_CLIENT_MAY_CREATE,
+        server_tools: Sequence[dict[str, Any]] = (),
     ) -> None:
         self.model = model
+        self.server_tools = list(server_tools)
+        self.server_tool_names = frozenset(str(tool["name"]) for tool in self.server_tools)
+        self.parsed_types = PARSED_UPSTREAM_TYPES
+        if self.server_tools:
+            self.parsed_types = PARSED_UPSTREAM_TYPES | SERVER_TOOL_EVENT_TYPES
+        self._may_create = frozenset(client_may_create)
         self.session_guard = guard = FieldGuard({"type", *client_may_set})
         self.response_guard = FieldGuard({*RESPONSE_FIELDS_ALWAYS_ALLOWED, *client_may_set})
         self.may_set_instructions = "instructions" in guard.allowed
@@ -234,6 +265,7 @@ class SessionPolicy:
             input_format or {"type": "audio/pcm", "rate": 24000},
             output_format or {"type": "audio/pcm", "rate": 24000},
         )
+        base["tools"] = [*session.tools, *self.server_tools]
         fields = {**base, **session.extra}
         event = {"type": "session.update", "event_id": INJECTED_EVENT_ID, "session": fields}
         self.injected = json.dumps(event, separators=(",", ":"))
@@ -351,15 +383,28 @@ class SessionPolicy:
                 raise InvalidEventError(
                     "each item of 'response.input' must be an object", param="response.input"
                 )
-            if "role" in item:
-                self._check_role(item["role"], "response.input.role", "response.input.system")
+            self._check_item(item, "response.input", "response.input.system")
 
     def _check_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")
         if not isinstance(item, dict):
             raise InvalidEventError("conversation.item.create needs an 'item' object", param="item")
-        if "role" in item:
-            self._check_role(item["role"], "item.role", "item.role")
+        self._check_item(item, "item", "item.role")
+
+    def _check_item(self, item: dict[str, Any], where: str, system: str) -> None:
+        """Refuse an item of a kind the tier may not create; `system` names a system message."""
+        kind = item.get("type", "message")
+        if kind == "message" or "role" in item:
+            role = item.get("role")
+            self._check_role(role, f"{where}.role", system)
+            if role != "system" and f"{role}_message" not in self._may_create:
+                raise ItemNotAllowedError(
+                    f"a client may not create {role} messages", param=f"{where}.role"
+                )
+        elif isinstance(kind, str) and kind in ITEM_KINDS and kind not in self._may_create:
+            raise ItemNotAllowedError(
+                f"a client may not create {kind} items", param=f"{where}.type"
+            )
 
     def _check_role(self, role: Any, param: str, locked: str) -> None:
         """Refuse a message role outside the tier's allow-list; `locked` names a system one."""
@@ -387,7 +432,7 @@ class SessionPolicy:
         match = _TYPE_PREFIX.match(text)
         if match is not None:
             event_type = match.group(1)
-            if event_type not in PARSED_UPSTREAM_TYPES:
+            if event_type not in self.parsed_types:
                 return event_type, None, text
         try:
             event = json.loads(text)

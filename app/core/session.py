@@ -13,7 +13,10 @@ What it owns:
 * the injection handshake: the client is not read until the upstream has accepted the server's
   session (`session.created`, then `session.update` from the relay, then `session.updated`), and
   that must happen within `Deadlines.start_seconds`;
-* the responses in flight (`response.created` to `response.done`);
+* the responses in flight (`response.created` to `response.done`), and the relay's own
+  `response.create` after its tools' outputs, sent only while none is active;
+* the tool calls (`core.tools`): which the relay runs, which the client never sees, and which a
+  client may answer;
 * the deadlines: the session's length, its idle time (no client event but audio, and no speech
   detected upstream) and the start;
 * how a session ends (`Ending`: outcome, close code, and the error that tells the client why);
@@ -32,11 +35,14 @@ from typing import Any, Final, Protocol
 
 from app.codes import Outcome
 from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
+from app.core.tools import ToolCalls
 from app.errors import (
     ClientError,
     ClientTimeoutError,
     CloseCode,
     ErrorCode,
+    InvalidEventError,
+    ItemNotAllowedError,
     RelayError,
     SessionEndedError,
     ShuttingDownError,
@@ -101,6 +107,7 @@ class Decisions(Protocol):
     def to_client(self, event_type: str, text: str) -> None: ...
     def reply(self, text: str) -> None: ...  # an `error` event a client frame caused
     def flush_input(self) -> None: ...  # the client's input audio ends here (a commit)
+    def run_tool(self, call_id: str, name: str, arguments: str) -> None: ...  # then `tool_done`
     def opened(self) -> None: ...  # the server's session is in place: read the client
     def schedule(self, at: float | None) -> None: ...  # call `timer` at `at` (None: never)
     def end(self, ending: Ending) -> None: ...  # close both sides; no more decisions follow
@@ -130,6 +137,7 @@ class SessionCore:
         event_ids: the numbers of the relay's own events to this client (shared with whoever
             sent it events before the core existed, so no id repeats).
         count_error: called with the code of each `error` event the relay itself sends.
+        show_tool_calls: forward the server tools' calls and outputs to the client.
         log: the session's logger.
     """
 
@@ -143,11 +151,14 @@ class SessionCore:
         session_id: str,
         event_ids: Iterator[int] | None = None,
         count_error: Callable[[str], None] = lambda code: None,
+        show_tool_calls: bool = False,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
     ) -> None:
         self.policy, self.deadlines, self.meter, self.out = policy, deadlines, meter, out
         self.phase = Phase.STARTING
         self.responses: set[str] = set()  # ids of the responses in flight
+        self.tools = ToolCalls(policy.server_tool_names, show=show_tool_calls)
+        self._follow_up: str | None = None  # the event id of the relay's response.create
         self.ending: Ending | None = None
         self._count_error = count_error
         self._log = log
@@ -155,11 +166,23 @@ class SessionCore:
         self._id_prefix = f"event_relay_{session_id[:12]}_"
         self._started = self._activity = 0.0
         # Upstream events whose arrival changes the core's state; every other one only passes.
-        self._tracked: Final[dict[str, Callable[[dict[str, Any] | None, float], None]]] = {
+        # Each returns the text to show the client, or None to show nothing.
+        self._tracked: dict[str, _Tracker] = {
             "input_audio_buffer.speech_started": self._speech_started,
             "response.created": self._response_created,
+            "response.output_item.done": self._output_item_done,
             "response.done": self._response_done,
+            "error": self._error,
         }
+        if policy.server_tool_names:
+            self._tracked |= {
+                "response.output_item.added": self._output_item_added,
+                "response.function_call_arguments.delta": self._arguments,
+                "response.function_call_arguments.done": self._arguments,
+                "conversation.item.added": self._conversation_item,
+                "conversation.item.done": self._conversation_item,
+                "conversation.item.created": self._conversation_item,
+            }
 
     # -- the start -----------------------------------------------------------------------------
 
@@ -205,17 +228,61 @@ class SessionCore:
         """A client text frame: forwarded upstream, or refused with an `error` reply."""
         if self.phase is not Phase.OPEN:
             return
+        answered: list[str] = []
         try:
             event_type, event = self.policy.client_event(text)
+            try:
+                if event_type in _ITEM_EVENTS:  # rare: items and responses the client asks for
+                    answered = self._client_items(event_type, event)
+                elif event_type == "session.update" and self.policy.server_tools:
+                    text = self._with_server_tools(event, text)
+            except ClientError as exc:
+                event_id = event.get("event_id")
+                exc.client_event_id = event_id if isinstance(event_id, str) else None
+                raise
         except ClientError as exc:
             self.refuse(exc)
             return
         if event_type == "input_audio_buffer.commit":  # rare: once a turn
             self.out.flush_input()
         self.out.to_upstream(text)
+        if answered:
+            self.tools.close_client_calls(answered)
         if event_type != "input_audio_buffer.append":
             self._activity = now  # audio alone is not activity: a silent microphone streams
         self.meter.client_event(event_type, event, len(text), now)
+
+    def _client_items(self, event_type: str, event: dict[str, Any]) -> list[str]:
+        """The client calls its items answer; refuses outputs for no open client call."""
+        items: Any = [event.get("item")]
+        if event_type == "response.create":
+            response = event.get("response")
+            items = response.get("input") if isinstance(response, dict) else None
+            if not isinstance(items, list):
+                return []
+        answered = self.tools.client_outputs(items)
+        if isinstance(answered, str):
+            raise ItemNotAllowedError(
+                f"no open call {answered!r} of a client tool to answer",
+                code=ErrorCode.INVALID_CALL_ID,
+                param="call_id",
+            )
+        return answered
+
+    def _with_server_tools(self, event: dict[str, Any], text: str) -> str:
+        """A client's session.update that sets tools keeps the server's tools beside its own."""
+        session = event.get("session")
+        if not isinstance(session, dict) or not isinstance(session.get("tools"), list):
+            return text
+        tools: list[Any] = session["tools"]
+        for tool in tools:
+            if isinstance(tool, dict) and tool.get("name") in self.policy.server_tool_names:
+                raise InvalidEventError(
+                    f"the tool name {str(tool.get('name'))[:64]!r} is the server's",
+                    param="session.tools",
+                )
+        merged = {**event, "session": {**session, "tools": [*tools, *self.policy.server_tools]}}
+        return json.dumps(merged, separators=(",", ":"))
 
     def client_audio(self, append: str | None, size: int, now: float, decoded: float) -> None:
         """A binary audio frame, decoded by the transport into `append` (None: nothing yet)."""
@@ -253,10 +320,16 @@ class SessionCore:
         except UpstreamError as exc:
             self._end(ending_for(exc))
             return
-        self.out.to_client(event_type, text)
         track = self._tracked.get(event_type)
-        if track is not None:
-            track(event, now)
+        if track is not None:  # rare: the events whose arrival changes the session
+            if event_type == "input_audio_buffer.speech_started":  # typed, not parsed
+                self._activity = now
+            elif event is not None:
+                shown = track(event, text)
+                if shown is None:
+                    return
+                text = shown
+        self.out.to_client(event_type, text)
         self.meter.upstream_event(event_type, event, text, now)
 
     def upstream_closed(
@@ -279,18 +352,82 @@ class SessionCore:
         else:
             self.fail(UpstreamClosedError(f"the upstream closed the session ({code})"))
 
-    def _speech_started(self, event: dict[str, Any] | None, now: float) -> None:
-        self._activity = now
+    def _speech_started(self, event: dict[str, Any], text: str) -> str:
+        return text  # `upstream_text` notes the activity: this event is typed, never parsed
 
-    def _response_created(self, event: dict[str, Any] | None, now: float) -> None:
+    def _response_created(self, event: dict[str, Any], text: str) -> str:
         response_id = _response_id(event)
         if response_id is not None:
             self.responses.add(response_id)
+        self._follow_up = None  # the relay's, or one that came first: either way, one is on
+        return text
 
-    def _response_done(self, event: dict[str, Any] | None, now: float) -> None:
+    def _response_done(self, event: dict[str, Any], text: str) -> str:
         response_id = _response_id(event)
         if response_id is not None:
             self.responses.discard(response_id)
+        text = self.tools.response_done(event, text)
+        self._go_on()
+        return text
+
+    def _output_item_added(self, event: dict[str, Any], text: str) -> str | None:
+        return text if self.tools.item_added(event) else None
+
+    def _arguments(self, event: dict[str, Any], text: str) -> str | None:
+        return text if self.tools.arguments(event) else None
+
+    def _output_item_done(self, event: dict[str, Any], text: str) -> str | None:
+        show, call = self.tools.item_done(event)
+        if call is not None:
+            self.out.run_tool(*call)
+        return text if show else None
+
+    def _conversation_item(self, event: dict[str, Any], text: str) -> str | None:
+        return text if self.tools.conversation_item(event) else None
+
+    def _error(self, event: dict[str, Any], text: str) -> str | None:
+        """Errors about the relay's own tool events are the relay's, not the client's."""
+        error = event.get("error")
+        caused_by = error.get("event_id") if isinstance(error, dict) else None
+        if not isinstance(caused_by, str) or not caused_by.startswith(_TOOL_EVENT_PREFIX):
+            return text
+        code = error.get("code") if isinstance(error, dict) else None
+        if caused_by == self._follow_up:
+            self._follow_up = None
+            if code == "conversation_already_has_active_response":
+                self.tools.follow_up_due = True  # asked again when that response is done
+                return None
+        self._log.warning("the upstream refused the relay's tool event: %s", code)
+        return None
+
+    # -- server tools --------------------------------------------------------------------------
+
+    def tool_done(self, call_id: str, output: str, now: float) -> None:
+        """A server tool's call has its output: the model gets it, then goes on."""
+        if self.phase is not Phase.OPEN:
+            return
+        event = {
+            "type": "conversation.item.create",
+            "event_id": f"{_TOOL_EVENT_PREFIX}{next(self._event_ids)}",
+            "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+        }
+        self.out.to_upstream(json.dumps(event, separators=(",", ":")))
+        self.tools.answered(call_id, self.responses)
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Ask for the next response once every server call is answered and none is active.
+
+        Never while a response is active or the relay's last ask is unanswered, so the relay
+        never causes `conversation_already_has_active_response`; if a response started upstream
+        meanwhile (server VAD), the upstream's refusal is hidden and the relay asks again later.
+        """
+        if not self.tools.follow_up_due or self.responses or self._follow_up is not None:
+            return
+        self.tools.follow_up_due = False
+        self._follow_up = f"{_TOOL_EVENT_PREFIX}{next(self._event_ids)}"
+        event = {"type": "response.create", "event_id": self._follow_up}
+        self.out.to_upstream(json.dumps(event, separators=(",", ":")))
 
     # -- time and the end ----------------------------------------------------------------------
 
@@ -358,6 +495,13 @@ class SessionCore:
         event_id = f"{self._id_prefix}{next(self._event_ids)}"
         event = event_for(error, event_id=event_id, client_event_id=error.client_event_id)
         return json.dumps(event, separators=(",", ":"))
+
+
+_ITEM_EVENTS: Final = frozenset({"conversation.item.create", "response.create"})
+# The event ids of the relay's own tool outputs and follow-up responses.
+_TOOL_EVENT_PREFIX: Final = "relay_tool_"
+
+_Tracker = Callable[[dict[str, Any], str], str | None]
 
 
 def _caused_by(event: dict[str, Any] | None, event_id: str) -> bool:

@@ -11,8 +11,12 @@ What it says:
   "You said something for N.N seconds.";
 - after user text or a function-call output: a 440 Hz tone of 0.5 s per 20 transcript characters,
   and a transcript quoting the text;
-- a `function_call` item instead, with arguments "{}", when a function tool's name (or the name
-  with spaces for underscores) appears in the user's last text, or `tool_choice` forces one.
+- a `function_call` item instead when a function tool's name (or the name with spaces for
+  underscores) appears in the user's last text, or `tool_choice` forces one. Its arguments fit
+  the tool's `parameters` schema, filled from that text (`arguments.build_arguments`), and
+  stream in up to three `response.function_call_arguments.delta` events;
+- after a `function_call_output`: "The tool returned: <output>", so a test can see the tool's
+  output reach the model.
 
 Cancellation is cooperative: `cancel()` sets a reason, the stream stops before its next delta and
 ends with status `cancelled` (item `incomplete`), and `cancel()` returns once `response.done` is
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 
 from app.local_upstream import pcm
+from app.local_upstream.arguments import build_arguments
 from app.local_upstream.config import LocalUpstreamConfig
 from app.local_upstream.conversation import (
     Conversation,
@@ -47,6 +53,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 TONE_HZ = 440.0
 TONE_MS_PER_20_CHARS = 500
 TRANSCRIPT_PIECES = 3
+ARGUMENT_PIECES = 3  # deltas per tool call's arguments, as a model streams a few tokens each
+ARGUMENT_PIECE_MIN_CHARS = 4  # so "{}" stays one delta
 CLOSE_TIMEOUT_S = 5.0
 
 
@@ -116,11 +124,11 @@ class ResponseRun:
     async def _run(self) -> None:
         try:
             if self._cancel_reason is None:
-                name = self._function_to_call()
-                if name is None:
+                tool = self._function_to_call()
+                if tool is None:
                     await self._stream_message()
                 else:
-                    await self._stream_function_call(name)
+                    await self._stream_function_call(tool)
             usage = self._usage()
             await self.send(server_event("response.done", response=self._object(usage=usage)))
         except _AbortedError:
@@ -175,25 +183,26 @@ class ResponseRun:
             "output_token_details": {"text_tokens": out.text, "audio_tokens": out.audio},
         }
 
-    def _function_to_call(self) -> str | None:
-        names: list[str] = [
-            t["name"]
+    def _function_to_call(self) -> dict[str, Any] | None:
+        """The function tool this response calls, if any."""
+        functions: list[dict[str, Any]] = [
+            t
             for t in self.params.tools
             if t.get("type") == "function" and isinstance(t.get("name"), str)
         ]
         choice = self.params.tool_choice
         source = self.conversation.last_input()
-        if not names or choice == "none" or source is None or source.data["type"] != "message":
+        if not functions or choice == "none" or source is None or source.data["type"] != "message":
             return None
         if isinstance(choice, dict):
-            forced = choice.get("name")
-            return next((name for name in names if name == forced), None)
+            return next((t for t in functions if t["name"] == choice.get("name")), None)
         if choice == "required":
-            return names[0]
+            return functions[0]
         text = _text_of(source).lower()
-        for name in names:
-            if name.lower() in text or name.replace("_", " ").lower() in text:
-                return name
+        for tool in functions:
+            name = str(tool["name"]).lower()
+            if name in text or name.replace("_", " ") in text:
+                return tool
         return None
 
     async def _open_item(self, item: Item) -> str | None:
@@ -231,7 +240,15 @@ class ResponseRun:
         )
         self._output.append(item.public())
 
-    async def _stream_function_call(self, name: str) -> None:
+    async def _stream_function_call(self, tool: dict[str, Any]) -> None:
+        name = str(tool["name"])
+        source = self.conversation.last_input()
+        text = _text_of(source) if source is not None else ""
+        arguments = json.dumps(
+            build_arguments(tool.get("parameters"), text, tool_name=name),
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
         item = Item(
             data={
                 "id": new_id("item"),
@@ -250,14 +267,20 @@ class ResponseRun:
             "output_index": 0,
             "call_id": item.data["call_id"],
         }
+        sent = ""
+        for piece in _pieces(arguments, ARGUMENT_PIECES, ARGUMENT_PIECE_MIN_CHARS):
+            if self._cancel_reason is not None:
+                break
+            await self.send(
+                server_event("response.function_call_arguments.delta", **ids, delta=piece)
+            )
+            sent += piece
+            item.data["arguments"] = sent
+            await asyncio.sleep(0)  # let the receive loop (a cancel) run between deltas
         if self._cancel_reason is None:
             await self.send(
-                server_event("response.function_call_arguments.delta", **ids, delta="{}")
-            )
-            item.data["arguments"] = "{}"
-            await self.send(
                 server_event(
-                    "response.function_call_arguments.done", **ids, name=name, arguments="{}"
+                    "response.function_call_arguments.done", **ids, name=name, arguments=sent
                 )
             )
         self.output_tokens = Tokens(text=text_tokens(name + item.data["arguments"]))
@@ -365,6 +388,12 @@ class ResponseRun:
 def _text_of(item: Item) -> str:
     parts = item.data.get("content", [])
     return " ".join(p.get("text") or "" for p in parts if p.get("type") == "input_text")
+
+
+def _pieces(text: str, pieces: int, min_chars: int) -> list[str]:
+    """Cut `text` into at most `pieces` consecutive slices of at least `min_chars` (bar one)."""
+    size = max(min_chars, -(-len(text) // pieces))
+    return [text[i : i + size] for i in range(0, len(text), size)] or [text]
 
 
 def _split(text: str, pieces: int) -> list[str]:

@@ -12,7 +12,8 @@ carries out at once, synchronously, with no task per message. It owns what is ab
   out is encoded into binary frames, paced (`PACKET_GAP_SECONDS`) so that socket reads go in
   between two packets' encoding; upstream messages that arrive meanwhile wait behind them, and
   past `RELAY_UPSTREAM__MAX_QUEUE` of them the upstream stops being read;
-* the timer the core asks for.
+* the timer the core asks for, and the server tool calls it asks to run (each a task, at most
+  `RELAY_TOOL_CONCURRENCY` at once per session, cancelled with the session).
 
 `run` returns the core's `Ending`; a failure the core did not foresee (a bug) is raised there.
 """
@@ -23,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 from app.audio.wire import ClientAudio
@@ -66,6 +67,9 @@ class Pipe:
         max_message_bytes: int,
         max_queue: int,
         log: Log,
+        run_tool: Callable[[str, str, str], Awaitable[str]] | None = None,
+        tool_concurrency: int = 4,
+        show_tool_calls: bool = False,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.ended: asyncio.Future[Ending] = self.loop.create_future()
@@ -78,8 +82,12 @@ class Pipe:
             session_id=session_id,
             event_ids=event_ids,
             count_error=lambda code: count_error("relay", code),
+            show_tool_calls=show_tool_calls,
             log=log,
         )
+        self._run_tool = run_tool
+        self._tool_slots = asyncio.Semaphore(tool_concurrency)
+        self._tool_tasks: set[asyncio.Task[None]] = set()
         self.meter = meter
         self.log = log
         self._count_error = count_error
@@ -106,6 +114,8 @@ class Pipe:
             for handle in (self._timer, self._next_packet):
                 if handle is not None:
                     handle.cancel()
+            for task in self._tool_tasks:
+                task.cancel()
             # The close handshakes need both sockets read again; the core ignores what comes.
             self.client.resume_reading()
             self.upstream.resume_reading()
@@ -137,6 +147,22 @@ class Pipe:
         tail = self.audio.flush_event()
         if tail is not None:
             self.upstream.send_text(tail)
+
+    def run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        task = self.loop.create_task(self._tool_call(call_id, name, arguments))
+        self._tool_tasks.add(task)
+        task.add_done_callback(self._tool_tasks.discard)
+
+    async def _tool_call(self, call_id: str, name: str, arguments: str) -> None:
+        if self._run_tool is None:  # the core runs only the tools the session was given
+            output = '{"error": "the tool is not available"}'
+        else:
+            async with self._tool_slots:
+                output = await self._run_tool(call_id, name, arguments)
+        try:
+            self.core.tool_done(call_id, output, time.perf_counter())
+        except Exception as exc:
+            self.failed(exc)
 
     def opened(self) -> None:
         self.client.attach(self)

@@ -48,6 +48,7 @@ from app.errors import (
 )
 from app.limits.leases import Lease, Limiter, admit, heartbeat, session_caps
 from app.metrics import RelayMetrics
+from app.tools import Toolbox, ToolCall, ToolContext
 from app.transport.fast import DirectWebSocketProtocol, guard_uvicorn_protocol
 from app.transport.legs import DIRECT_EXTENSION, AsgiLeg, ClientLeg, UpstreamLeg
 from app.transport.pipe import Pipe
@@ -81,29 +82,37 @@ class _ClientLeft(Exception):
 class Relay:
     """Everything the sessions share: settings, upstream, policy inputs, limiter, metrics."""
 
-    def __init__(self, settings: Settings, metrics: RelayMetrics, limiter: Limiter) -> None:
+    def __init__(
+        self, settings: Settings, metrics: RelayMetrics, limiter: Limiter, toolbox: Toolbox
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.limiter = limiter
+        self.toolbox = toolbox
         self.upstream = Upstream(settings)
         self.auth = Authenticator(settings)
         self.draining = False
         self.sessions: set[RelaySession] = set()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
-        self._policies: dict[tuple[str, str, str, str], SessionPolicy] = {}
+        self._policies: dict[tuple[str, str, str, str, frozenset[str]], SessionPolicy] = {}
 
     def policy(self, tier: str, model: str, audio: AudioOptions) -> SessionPolicy:
         """The stateless policy of `tier` on `model` with these formats, built once."""
-        key = (tier, model, audio.input_format["type"], audio.output_format["type"])
+        tier_settings = self.settings.tiers[tier]
+        # An MCP server reached after start-up adds tools: sessions from then on get them.
+        tools = self.toolbox.names(tier_settings)
+        key = (tier, model, audio.input_format["type"], audio.output_format["type"], tools)
         policy = self._policies.get(key)
         if policy is None:
             policy = self._policies[key] = SessionPolicy(
                 self.settings.session,
-                self.settings.tiers[tier].client_may_set,
+                tier_settings.client_may_set,
                 model=model,
                 input_format=audio.input_format,
                 output_format=audio.output_format,
+                client_may_create=tier_settings.client_may_create,
+                server_tools=self.toolbox.definitions(tier_settings),
             )
         return policy
 
@@ -261,6 +270,9 @@ class RelaySession:
             max_message_bytes=settings.client_max_message_bytes,
             max_queue=settings.upstream.max_queue,
             log=self.log,
+            run_tool=self._tool_runner(identity),
+            tool_concurrency=settings.tool_concurrency,
+            show_tool_calls=tier.show_tool_calls,
         )
         if self.stopping:
             pipe.core.drain()
@@ -286,6 +298,17 @@ class RelaySession:
         elif ending.error is not None:
             self.log.info("session ended: %s", ending.error.code)
         await self._close(ending.close_code, ending.error)
+
+    def _tool_runner(self, identity: Identity) -> Callable[[str, str, str], Awaitable[str]]:
+        """Runs this session's server tool calls, with who asked (sent to HTTP tools)."""
+        toolbox = self.relay.toolbox
+        client = None if identity.kind is CredentialKind.ANONYMOUS else identity.client_id
+        context = ToolContext(session_id=self.id, tier=identity.tier, client=client)
+
+        async def run(call_id: str, name: str, arguments: str) -> str:
+            return await toolbox.run(ToolCall(call_id, name, arguments), context)
+
+        return run
 
     async def _renew(self, lease: Lease, pipe: Pipe) -> None:
         """Keep the session's lease alive; a renewal refused ends the session."""

@@ -187,6 +187,18 @@ const ui = {
     meta.textContent = `first audio after ${figure}`;
   },
   interrupted: (itemId) => bubble(itemId, "assistant").classList.add("interrupted"),
+  tool: (callId, name, args) => {
+    const entry = toolLine(callId, name);
+    if (entry.dataset.done) return; // the output is in already
+    const shown = args === null ? "" : brief(describeArguments(args), MAX_ARGUMENTS_CHARS);
+    entry.querySelector(".text").textContent = `looking up ${entry.dataset.name}(${shown})…`;
+  },
+  toolOutput: (callId, output) => {
+    const entry = toolLine(callId);
+    entry.dataset.done = "true";
+    const text = `${entry.dataset.name} → ${brief(compactOutput(output), MAX_OUTPUT_CHARS)}`;
+    entry.querySelector(".text").textContent = text;
+  },
   closed: (state, reason) => {
     session = null;
     setState(state, reason);
@@ -220,6 +232,59 @@ function bubble(itemId, role, text, final = false) {
   }
   entry.scrollIntoView({ block: "nearest" });
   return entry;
+}
+
+// -- server tool activity (only when the relay's tier shows tool calls) ---------------------
+
+const MAX_ARGUMENTS_CHARS = 80;
+const MAX_OUTPUT_CHARS = 160;
+
+/** The transcript line of tool call `callId`, created on first use. */
+function toolLine(callId, name) {
+  const key = `tool:${callId}`;
+  let entry = el.transcript.querySelector(`[data-item="${CSS.escape(key)}"]`);
+  if (!entry) {
+    entry = document.createElement("li");
+    entry.className = "turn tool";
+    entry.dataset.item = key;
+    entry.dataset.name = name || "a tool";
+    const body = document.createElement("p");
+    body.className = "text";
+    body.textContent = `looking up ${entry.dataset.name}…`;
+    entry.append(body);
+    el.transcript.append(entry);
+  } else if (name) {
+    entry.dataset.name = name;
+  }
+  entry.scrollIntoView({ block: "nearest" });
+  return entry;
+}
+
+/** `{"city": "Paris", "days": 2}` as `city: Paris, days: 2`; other text as it is. */
+function describeArguments(text) {
+  let value;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    return String(text ?? "");
+  }
+  if (!value || typeof value !== "object" || Array.isArray(value)) return JSON.stringify(value);
+  return Object.entries(value)
+    .map(([key, inner]) => `${key}: ${typeof inner === "string" ? inner : JSON.stringify(inner)}`)
+    .join(", ");
+}
+
+/** A tool's output on one line: JSON compacted, other text as it is. */
+function compactOutput(text) {
+  try {
+    return JSON.stringify(JSON.parse(text));
+  } catch {
+    return text.replace(/\s+/g, " ").trim();
+  }
+}
+
+function brief(text, limit) {
+  return text.length > limit ? `${text.slice(0, limit - 1)}…` : text;
 }
 
 let localItems = 0;

@@ -2,8 +2,14 @@
 // Realtime events between them (REALTIME.md §3-§4; flows in §12.1, §12.2 and §12.4).
 //
 // The UI gives callbacks (`ui.state`, `ui.user`, `ui.assistant`, `ui.latency`, `ui.interrupted`,
-// `ui.error`, `ui.level`, `ui.closed`) and calls the public methods: connect(), close(),
-// setMode(), setVoice(), press()/release() for push-to-talk, sendText(), sendImage().
+// `ui.tool`, `ui.toolOutput`, `ui.error`, `ui.level`, `ui.closed`) and calls the public methods:
+// connect(), close(), setMode(), setVoice(), press()/release() for push-to-talk, sendText(),
+// sendImage().
+//
+// Server tools: the relay runs them itself and hides their calls, unless the tier shows them
+// (`show_tool_calls`): then the model's `function_call` items and their `function_call_output`
+// items arrive as events, and `ui.tool(callId, name, args)` / `ui.toolOutput(callId, output)`
+// report them. The page runs no tool of its own.
 
 import { AUDIO_OUT, Microphone, OpusEncoder, Pcm16Encoder, Player, opusWireRate } from "./audio.js";
 import { REFUSALS, SILENT, describe, describeClose } from "./errors.js";
@@ -381,6 +387,12 @@ export class Session {
     return this.items.get(itemId);
   }
 
+  onToolOutput(item) {
+    if (item?.type === "function_call_output" && typeof item.output === "string") {
+      this.ui.toolOutput(item.call_id, item.output);
+    }
+  }
+
   onError(event) {
     const { code, message } = event.error || {};
     if (code === "conversation_already_has_active_response") this.wantResponse = true;
@@ -440,7 +452,24 @@ Session.prototype.handlers = {
   "response.output_item.added"(event) {
     if (event.item?.type === "message" && event.item.role === "assistant") {
       this.assistantItem(event.item.id, event.response_id);
+    } else if (event.item?.type === "function_call") {
+      this.ui.tool(event.item.call_id, event.item.name, null); // arguments still streaming
     }
+  },
+
+  "response.output_item.done"(event) {
+    if (event.item?.type === "function_call") {
+      this.ui.tool(event.item.call_id, event.item.name, event.item.arguments);
+    }
+  },
+
+  // The relay's function_call_output item, as the server confirms it (GA: added, then done).
+  "conversation.item.added"(event) {
+    this.onToolOutput(event.item);
+  },
+
+  "conversation.item.done"(event) {
+    this.onToolOutput(event.item);
   },
 
   "response.output_audio.delta"(event) {
