@@ -373,6 +373,9 @@ def test_a_refused_follow_up_is_hidden_and_asked_again():
     model_calls(core, CALL)
     core.tool_done("call_1", "a", 1.0)
     follow_up = [value for kind, value in port.take() if kind == "upstream"][-1]
+    # Server VAD started a response before the relay's ask reached the upstream: its
+    # response.created comes first, then the refusal of the ask.
+    up(core, {"type": "response.created", "response": {"id": "resp_vad"}})
     refusal = {
         "type": "error",
         "error": {
@@ -381,11 +384,76 @@ def test_a_refused_follow_up_is_hidden_and_asked_again():
         },
     }
     up(core, refusal)
-    up(core, {"type": "response.created", "response": {"id": "resp_vad"}})
+    assert port.take() == [("client", {"type": "response.created", "response": {"id": "resp_vad"}})]
     up(core, {"type": "response.done", "response": {"id": "resp_vad", "output": []}})
     sent = port.take()
-    assert ("client", refusal) not in sent
     assert [value["type"] for kind, value in sent if kind == "upstream"] == ["response.create"]
+
+
+def test_no_follow_up_after_a_barge_in():
+    """A response cancelled by the user's speech is not followed up: the user speaks next."""
+    core, port, _ = tool_session()
+    up(core, {"type": "response.created", "response": {"id": "resp_1"}})
+    up(core, {"type": "response.output_item.done", "response_id": "resp_1", "item": CALL})
+    core.tool_done("call_1", "a", 1.0)
+    done = {"id": "resp_1", "status": "cancelled", "output": [CALL]}
+    up(core, {"type": "response.done", "response": done})
+    sent = [value["type"] for kind, value in port.take() if kind == "upstream"]
+    assert sent == ["conversation.item.create"]
+
+
+def test_a_call_outside_the_conversation_is_not_run():
+    """A server call in an out-of-band response has no conversation for its output."""
+    core, port, _ = tool_session()
+    created = {"id": "resp_oob", "conversation_id": None, "output": []}
+    up(core, {"type": "response.created", "response": created})
+    up(core, {"type": "response.output_item.done", "response_id": "resp_oob", "item": CALL})
+    assert not [kind for kind, _ in port.take() if kind == "run"]
+
+
+def test_the_servers_items_cannot_be_retrieved_deleted_or_truncated():
+    """The ids of hidden tool items are the server's: the client may not touch them."""
+    core, port, _ = tool_session()
+    model_calls(core, CALL)
+    port.take()
+    for event_type in ("retrieve", "delete"):
+        event = {"type": f"conversation.item.{event_type}", "item_id": "item_1"}
+        core.client_text(json.dumps(event), 1.0)
+    ((kind, reply), (_, second)) = port.take()
+    assert (
+        kind == "reply" and reply["error"]["code"] == second["error"]["code"] == "item_not_allowed"
+    )
+    up(core, {"type": "conversation.item.retrieved", "item": CALL})
+    assert port.take() == []
+
+
+def test_a_response_may_not_bring_a_tool_named_like_the_servers():
+    """Per-response tools may not take a server tool's name (the relay would run its tool)."""
+    core, port, _ = tool_session(may_set=["tools"])
+    taken = {"type": "function", "name": "get_time", "parameters": {"type": "object"}}
+    event = {"type": "response.create", "response": {"tools": [taken]}}
+    core.client_text(json.dumps(event), 1.0)
+    ((kind, reply),) = port.take()
+    assert kind == "reply" and reply["error"]["code"] == "invalid_event"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"type": "mcp_approval_response", "role": "user", "approve": True},
+        {"type": "function_call", "role": "user", "name": "get_time", "arguments": "{}"},
+        {"type": "Function_call_output", "call_id": "x", "output": "1"},
+        {"type": None, "role": "user", "content": []},
+        {"type": "item_reference", "id": "item_1"},
+    ],
+    ids=["role-on-mcp", "role-on-call", "spelling", "null-type", "reference-outside-input"],
+)
+def test_no_item_kind_gets_past_the_allow_list(item):
+    """Item kinds are an allow-list: a role, another spelling or a null type changes nothing."""
+    core, port, _ = tool_session()
+    core.client_text(json.dumps({"type": "conversation.item.create", "item": item}), 1.0)
+    ((kind, reply),) = port.take()
+    assert kind == "reply" and reply["error"]["code"] in ("item_not_allowed", "invalid_event")
 
 
 def test_a_tier_that_shows_tool_calls_sees_them():

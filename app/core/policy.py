@@ -75,6 +75,7 @@ SERVER_TOOL_EVENT_TYPES: Final = frozenset(
         "conversation.item.added",
         "conversation.item.done",
         "conversation.item.created",
+        "conversation.item.retrieved",
     }
 )
 _SESSION_EVENTS = frozenset({"session.created", "session.updated"})
@@ -108,6 +109,9 @@ _TOOL_NAME_FIELDS = ("type", "name", "server_label")
 _TYPE_PREFIX = re.compile(r'\{\s*"type"\s*:\s*"([^"\\]+)"')
 
 INJECTED_EVENT_ID: Final = "relay_session_defaults"
+
+# Item `type`s other than `message`: a message's kind is its role's (`user_message`...).
+_ITEM_TYPES: Final = frozenset(kind for kind in ITEM_KINDS if not kind.endswith("_message"))
 
 # How much of a client-chosen name (a type, a field) an error repeats.
 _SHOWN = 64
@@ -392,16 +396,27 @@ class SessionPolicy:
         self._check_item(item, "item", "item.role")
 
     def _check_item(self, item: dict[str, Any], where: str, system: str) -> None:
-        """Refuse an item of a kind the tier may not create; `system` names a system message."""
+        """Refuse an item of a kind the tier may not create; `system` names a system message.
+
+        An allow-list: a message (its `type` is `message`, or absent) is the kind of its role;
+        any other item is the kind its `type` names exactly, carries no `role`, and must be a
+        kind the relay knows (`config.ITEM_KINDS`; `item_reference` only in `response.input`).
+        """
         kind = item.get("type", "message")
-        if kind == "message" or "role" in item:
+        if kind == "message":
             role = item.get("role")
             self._check_role(role, f"{where}.role", system)
             if role != "system" and f"{role}_message" not in self._may_create:
                 raise ItemNotAllowedError(
                     f"a client may not create {role} messages", param=f"{where}.role"
                 )
-        elif isinstance(kind, str) and kind in ITEM_KINDS and kind not in self._may_create:
+            return
+        if kind == "item_reference" and where == "response.input" and "role" not in item:
+            return
+        if not isinstance(kind, str) or kind not in _ITEM_TYPES or "role" in item:
+            shown = str(kind)[:_SHOWN]
+            raise InvalidEventError(f"{where} has no item type {shown!r}", param=f"{where}.type")
+        if kind not in self._may_create:
             raise ItemNotAllowedError(
                 f"a client may not create {kind} items", param=f"{where}.type"
             )

@@ -158,7 +158,11 @@ class SessionCore:
         self.phase = Phase.STARTING
         self.responses: set[str] = set()  # ids of the responses in flight
         self.tools = ToolCalls(policy.server_tool_names, show=show_tool_calls)
-        self._follow_up: str | None = None  # the event id of the relay's response.create
+        # The relay's own response.create: its event id, and whether it is still unanswered
+        # (no response.created since). Tool events carry a prefix the client cannot know.
+        self._follow_up: str | None = None
+        self._follow_up_pending = False
+        self._tool_prefix = f"relay_tool_{session_id[12:24]}_"
         self.ending: Ending | None = None
         self._count_error = count_error
         self._log = log
@@ -182,6 +186,7 @@ class SessionCore:
                 "conversation.item.added": self._conversation_item,
                 "conversation.item.done": self._conversation_item,
                 "conversation.item.created": self._conversation_item,
+                "conversation.item.retrieved": self._conversation_item,
             }
 
     # -- the start -----------------------------------------------------------------------------
@@ -228,7 +233,7 @@ class SessionCore:
         """A client text frame: forwarded upstream, or refused with an `error` reply."""
         if self.phase is not Phase.OPEN:
             return
-        answered: list[str] = []
+        answered: list[str] | None = None  # no list per event on the hot path
         try:
             event_type, event = self.policy.client_event(text)
             try:
@@ -254,10 +259,19 @@ class SessionCore:
 
     def _client_items(self, event_type: str, event: dict[str, Any]) -> list[str]:
         """The client calls its items answer; refuses outputs for no open client call."""
+        if event_type in _ITEM_ID_EVENTS:
+            if self.tools.hidden(event.get("item_id")):
+                raise ItemNotAllowedError(
+                    "that item is the server's", code=ErrorCode.ITEM_NOT_ALLOWED, param="item_id"
+                )
+            return []
         items: Any = [event.get("item")]
         if event_type == "response.create":
             response = event.get("response")
-            items = response.get("input") if isinstance(response, dict) else None
+            if not isinstance(response, dict):
+                return []
+            self._check_tool_names(response.get("tools"), "response.tools")
+            items = response.get("input")
             if not isinstance(items, list):
                 return []
         answered = self.tools.client_outputs(items)
@@ -275,14 +289,18 @@ class SessionCore:
         if not isinstance(session, dict) or not isinstance(session.get("tools"), list):
             return text
         tools: list[Any] = session["tools"]
-        for tool in tools:
-            if isinstance(tool, dict) and tool.get("name") in self.policy.server_tool_names:
-                raise InvalidEventError(
-                    f"the tool name {str(tool.get('name'))[:64]!r} is the server's",
-                    param="session.tools",
-                )
+        self._check_tool_names(tools, "session.tools")
         merged = {**event, "session": {**session, "tools": [*tools, *self.policy.server_tools]}}
         return json.dumps(merged, separators=(",", ":"))
+
+    def _check_tool_names(self, tools: Any, param: str) -> None:
+        """A client's own tools may not take a server tool's name (the relay would run it)."""
+        if not isinstance(tools, list):
+            return
+        for tool in tools:
+            name = tool.get("name") if isinstance(tool, dict) else None
+            if isinstance(name, str) and name in self.policy.server_tool_names:
+                raise InvalidEventError(f"the tool name {name[:64]!r} is the server's", param=param)
 
     def client_audio(self, append: str | None, size: int, now: float, decoded: float) -> None:
         """A binary audio frame, decoded by the transport into `append` (None: nothing yet)."""
@@ -359,7 +377,9 @@ class SessionCore:
         response_id = _response_id(event)
         if response_id is not None:
             self.responses.add(response_id)
-        self._follow_up = None  # the relay's, or one that came first: either way, one is on
+        self.tools.response_created(event)
+        # The relay's ask is answered, or a response came first (then its refusal follows).
+        self._follow_up_pending = False
         return text
 
     def _response_done(self, event: dict[str, Any], text: str) -> str:
@@ -389,14 +409,16 @@ class SessionCore:
         """Errors about the relay's own tool events are the relay's, not the client's."""
         error = event.get("error")
         caused_by = error.get("event_id") if isinstance(error, dict) else None
-        if not isinstance(caused_by, str) or not caused_by.startswith(_TOOL_EVENT_PREFIX):
+        if not isinstance(caused_by, str) or not caused_by.startswith(self._tool_prefix):
             return text
         code = error.get("code") if isinstance(error, dict) else None
-        if caused_by == self._follow_up:
-            self._follow_up = None
-            if code == "conversation_already_has_active_response":
-                self.tools.follow_up_due = True  # asked again when that response is done
-                return None
+        if caused_by == self._follow_up and code == "conversation_already_has_active_response":
+            # A response started upstream first (server VAD, a client's): ask again once it is
+            # done. Its response.created came before this error, so one is active now.
+            self._follow_up, self._follow_up_pending = None, False
+            self.tools.follow_up_due = True
+            self._go_on()
+            return None
         self._log.warning("the upstream refused the relay's tool event: %s", code)
         return None
 
@@ -408,7 +430,7 @@ class SessionCore:
             return
         event = {
             "type": "conversation.item.create",
-            "event_id": f"{_TOOL_EVENT_PREFIX}{next(self._event_ids)}",
+            "event_id": f"{self._tool_prefix}{next(self._event_ids)}",
             "item": {"type": "function_call_output", "call_id": call_id, "output": output},
         }
         self.out.to_upstream(json.dumps(event, separators=(",", ":")))
@@ -422,10 +444,11 @@ class SessionCore:
         never causes `conversation_already_has_active_response`; if a response started upstream
         meanwhile (server VAD), the upstream's refusal is hidden and the relay asks again later.
         """
-        if not self.tools.follow_up_due or self.responses or self._follow_up is not None:
+        if not self.tools.follow_up_due or self.responses or self._follow_up_pending:
             return
         self.tools.follow_up_due = False
-        self._follow_up = f"{_TOOL_EVENT_PREFIX}{next(self._event_ids)}"
+        self._follow_up_pending = True
+        self._follow_up = f"{self._tool_prefix}{next(self._event_ids)}"
         event = {"type": "response.create", "event_id": self._follow_up}
         self.out.to_upstream(json.dumps(event, separators=(",", ":")))
 
@@ -497,9 +520,11 @@ class SessionCore:
         return json.dumps(event, separators=(",", ":"))
 
 
-_ITEM_EVENTS: Final = frozenset({"conversation.item.create", "response.create"})
-# The event ids of the relay's own tool outputs and follow-up responses.
-_TOOL_EVENT_PREFIX: Final = "relay_tool_"
+# Client events that name items or carry them: judged against the session's tool calls.
+_ITEM_ID_EVENTS: Final = frozenset(
+    {"conversation.item.retrieve", "conversation.item.delete", "conversation.item.truncate"}
+)
+_ITEM_EVENTS: Final = frozenset({"conversation.item.create", "response.create", *_ITEM_ID_EVENTS})
 
 _Tracker = Callable[[dict[str, Any], str], str | None]
 

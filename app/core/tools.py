@@ -45,6 +45,8 @@ class ToolCalls:
         self.server_tools = server_tools
         self.show = show
         self._server_items: OrderedDict[str, None] = OrderedDict()  # function_call item ids
+        self._hidden_items: OrderedDict[str, None] = OrderedDict()  # those and their outputs
+        self._out_of_band: OrderedDict[str, None] = OrderedDict()  # conversation "none"
         self._server_calls: OrderedDict[str, None] = OrderedDict()  # their call ids
         self._client_calls: OrderedDict[str, None] = OrderedDict()  # open, unanswered
         self._awaiting: dict[str, set[str]] = {}  # response id -> server calls not answered
@@ -53,17 +55,39 @@ class ToolCalls:
 
     # -- the model's calls (upstream events)
 
+    def response_created(self, event: dict[str, Any]) -> None:
+        """`response.created`: notes a response outside the conversation (`conversation_id`
+        null), whose server calls cannot be answered in it."""
+        response = event.get("response")
+        if isinstance(response, dict) and response.get("conversation_id", "") is None:
+            response_id = response.get("id")
+            if isinstance(response_id, str):
+                _bounded_add(self._out_of_band, response_id)
+
     def item_added(self, event: dict[str, Any]) -> bool:
         """`response.output_item.added`: whether to show it."""
         item = event.get("item")
-        if self._is_server_call(item):
-            _bounded_add(self._server_items, str(item["id"]))  # type: ignore[index]
+        if isinstance(item, dict) and self._is_server_call(item):
+            self._hide(item)
             return self.show
         return True
 
     def arguments(self, event: dict[str, Any]) -> bool:
         """`response.function_call_arguments.*`: whether to show it."""
-        return self.show or event.get("item_id") not in self._server_items
+        item_id = event.get("item_id")
+        return self.show or not isinstance(item_id, str) or item_id not in self._server_items
+
+    def hidden(self, item_id: Any) -> bool:
+        """Whether `item_id` is a server call's item or its output, which the client never saw
+        (and may not retrieve, delete or truncate)."""
+        return not self.show and isinstance(item_id, str) and item_id in self._hidden_items
+
+    def _hide(self, item: dict[str, Any]) -> None:
+        item_id = item.get("id")
+        if isinstance(item_id, str):
+            _bounded_add(self._hidden_items, item_id)
+            if item.get("type") == "function_call":
+                _bounded_add(self._server_items, item_id)
 
     def item_done(self, event: dict[str, Any]) -> tuple[bool, tuple[str, str, str] | None]:
         """`response.output_item.done`: whether to show it, and the server call to run."""
@@ -76,9 +100,12 @@ class ToolCalls:
         if name not in self.server_tools:
             _bounded_add(self._client_calls, call_id)
             return True, None
-        arguments = item.get("arguments")
+        self._hide(item)
         _bounded_add(self._server_calls, call_id)
         response_id = event.get("response_id")
+        if isinstance(response_id, str) and response_id in self._out_of_band:  # no conversation
+            return self.show, None
+        arguments = item.get("arguments")
         if isinstance(response_id, str):
             self._awaiting.setdefault(response_id, set()).add(call_id)
             self._response_of[call_id] = response_id
@@ -89,11 +116,15 @@ class ToolCalls:
         item = event.get("item")
         if self.show or not isinstance(item, dict):
             return True
-        if self._is_server_call(item):
+        call_id = item.get("call_id")
+        if self._is_server_call(item) or (
+            item.get("type") == "function_call_output"
+            and isinstance(call_id, str)
+            and call_id in self._server_calls
+        ):
+            self._hide(item)
             return False
-        return not (
-            item.get("type") == "function_call_output" and item.get("call_id") in self._server_calls
-        )
+        return True
 
     def response_done(self, event: dict[str, Any], text: str) -> str:
         """`response.done`: the text to show, without the server calls; notes the end."""
@@ -102,7 +133,9 @@ class ToolCalls:
             return text
         response_id = response.get("id")
         if isinstance(response_id, str) and response_id in self._awaiting:
-            if not self._awaiting[response_id]:  # answered before the response ended
+            if response.get("status") == "cancelled":  # a barge-in: the user speaks next
+                self._forget(response_id)
+            elif not self._awaiting[response_id]:  # answered before the response ended
                 del self._awaiting[response_id]
                 self.follow_up_due = True
         output = response.get("output")
@@ -115,12 +148,15 @@ class ToolCalls:
             {**event, "response": {**response, "output": shown}}, separators=(",", ":")
         )
 
+    def _forget(self, response_id: str) -> None:
+        for call_id in self._awaiting.pop(response_id, ()):
+            self._response_of.pop(call_id, None)
+
     def _is_server_call(self, item: Any) -> bool:
-        return (
-            isinstance(item, dict)
-            and item.get("type") == "function_call"
-            and item.get("name") in self.server_tools
-        )
+        if not isinstance(item, dict) or item.get("type") != "function_call":
+            return False
+        name = item.get("name")
+        return isinstance(name, str) and name in self.server_tools
 
     # -- outputs
 

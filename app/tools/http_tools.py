@@ -79,6 +79,9 @@ class HttpTool:
             "client": context.client,
         }
         headers = {key: value.get_secret_value() for key, value in self._http.headers.items()}
+        # The output is capped as it is read: a compressed body could expand far past the cap
+        # in one chunk before the cap applies.
+        headers.setdefault("Accept-Encoding", "identity")
         timeout = self._http.timeout_seconds
         if self._http.method == "GET":
             params = {

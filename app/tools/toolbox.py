@@ -153,8 +153,9 @@ class Toolbox:
                     return UNAVAILABLE
                 return await http_tool.run(self._client, arguments, call, context)
             return await self._mcp_tools[call.name].run(arguments)
-        except Exception:  # a bug of ours or a library's: the model still gets an answer
-            logger.exception("tool %s: unexpected failure", call.name)
+        except Exception as exc:  # a bug of ours or a library's: the model still gets an answer
+            # Its type only: a library's message may carry a URL with a token in it.
+            logger.error("tool %s: unexpected failure (%s)", call.name, type(exc).__name__)
             return failure(ToolOutcome.ERROR, "the tool failed")
 
     def _listed(self, server: McpServer) -> None:

@@ -44,6 +44,10 @@ PACKET_GAP_SECONDS: Final = 0.002
 
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
+_UNAVAILABLE: Final = '{"error": "the tool is not available"}'
+_FAILED: Final = '{"error": "the tool failed"}'
+_TOO_MANY_CALLS: Final = '{"error": "too many tool calls at once; try again"}'
+
 
 class Pipe:
     """One session's data plane: the client leg, the upstream leg, and the core between them.
@@ -87,6 +91,7 @@ class Pipe:
         )
         self._run_tool = run_tool
         self._tool_slots = asyncio.Semaphore(tool_concurrency)
+        self._max_tool_calls = 4 * tool_concurrency
         self._tool_tasks: set[asyncio.Task[None]] = set()
         self.meter = meter
         self.log = log
@@ -116,6 +121,8 @@ class Pipe:
                     handle.cancel()
             for task in self._tool_tasks:
                 task.cancel()
+            if self._tool_tasks:  # a session's tasks end with it (bounded: they were cancelled)
+                await asyncio.wait(self._tool_tasks, timeout=1.0)
             # The close handshakes need both sockets read again; the core ignores what comes.
             self.client.resume_reading()
             self.upstream.resume_reading()
@@ -149,16 +156,23 @@ class Pipe:
             self.upstream.send_text(tail)
 
     def run_tool(self, call_id: str, name: str, arguments: str) -> None:
+        if len(self._tool_tasks) >= self._max_tool_calls:  # running and waiting their turn
+            self.log.warning("tool %s: too many calls at once; answered with an error", name)
+            self.core.tool_done(call_id, _TOO_MANY_CALLS, time.perf_counter())
+            return
         task = self.loop.create_task(self._tool_call(call_id, name, arguments))
         self._tool_tasks.add(task)
         task.add_done_callback(self._tool_tasks.discard)
 
     async def _tool_call(self, call_id: str, name: str, arguments: str) -> None:
-        if self._run_tool is None:  # the core runs only the tools the session was given
-            output = '{"error": "the tool is not available"}'
-        else:
-            async with self._tool_slots:
-                output = await self._run_tool(call_id, name, arguments)
+        output = _UNAVAILABLE  # the core runs only the tools the session was given
+        if self._run_tool is not None:
+            try:
+                async with self._tool_slots:
+                    output = await self._run_tool(call_id, name, arguments)
+            except Exception as exc:  # a bug: the model still gets an answer, the call closes
+                self.log.error("tool %s failed: %s", name, type(exc).__name__)
+                output = _FAILED
         try:
             self.core.tool_done(call_id, output, time.perf_counter())
         except Exception as exc:
