@@ -39,6 +39,7 @@ class RejectionReason(StrEnum):
     UPSTREAM = "upstream"
     PROTOCOL = "protocol"
     SHUTDOWN = "shutdown"
+    BUDGET = "budget"  # the client's daily spend is used up
 
 
 class ToolOutcome(StrEnum):
@@ -54,3 +55,12 @@ class ToolOutcome(StrEnum):
     TIMEOUT = "timeout"
     ERROR = "error"  # the tool answered with an error (a non-2xx status, an MCP error result)
     UNAVAILABLE = "unavailable"  # the tool could not be reached
+
+
+class BudgetScope(StrEnum):
+    """Which budget a session exhausted: the `scope` label of
+    `realtime_relay_budget_exhausted_total` (the limits are `TierSettings.max_*`)."""
+
+    SESSION_TOKENS = "session_tokens"  # max_tokens_per_session
+    SESSION_COST = "session_cost"  # max_cost_usd_per_session
+    CLIENT_DAY = "client_day"  # max_cost_usd_per_client_per_day

@@ -45,6 +45,21 @@ DEFAULT_CLIENT_MAY_SET = (
     "output_modalities",
 )
 
+# The voices OpenAI names for the Realtime models (REALTIME.md §5): a tier may pick among these,
+# not a custom voice object.
+NAMED_VOICES: Final = (
+    "alloy", "ash", "ballad", "cedar", "coral", "echo", "marin", "sage", "shimmer", "verse",
+)  # fmt: skip
+# Stands, in `allowed_values`, for the server's own value of that path (RELAY_SESSION__...).
+SERVER_VALUE: Final = "$server"
+# What the default tier may pick within the fields it may set (`allowed_values`).
+DEFAULT_ALLOWED_VALUES: Final[dict[str, Any]] = {
+    "audio.output.voice": list(NAMED_VOICES),
+    "audio.output.speed": {"min": 0.25, "max": 1.5},
+    "audio.input.transcription.model": [SERVER_VALUE],
+    "audio.input.turn_detection.idle_timeout_ms": {"min": 5_000, "max": 30_000},
+}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -197,12 +212,28 @@ class TierSettings(_Section):
     client_may_set: list[str] = list(DEFAULT_CLIENT_MAY_SET)
     max_sessions: int | None = Field(None, ge=0)
     max_sessions_per_client: int | None = Field(None, ge=0)
-    max_session_seconds: float | None = Field(None, gt=0)
+    # OpenAI's own cap on a session's length; null for none.
+    max_session_seconds: float | None = Field(3600.0, gt=0)
     idle_timeout_seconds: float | None = Field(None, gt=0)
+    # Budgets: a session that reaches either is warned at 80 %, then ended (budget_exhausted).
+    max_tokens_per_session: int | None = Field(None, gt=0)
+    max_cost_usd_per_session: float | None = Field(None, gt=0)
+    # Spend per client identity per UTC day, across replicas (Redis, or in process without it).
+    max_cost_usd_per_client_per_day: float | None = Field(None, gt=0)
+    # Responses one session may have at once (out-of-band ones included), and start per minute.
+    max_concurrent_responses: int = Field(1, ge=1)
+    max_responses_per_minute: int | None = Field(None, ge=1)
+    # Dotted path -> allowed values (a list; "$server" is the server's own value) or
+    # {"min", "max"} for numbers, inside what the tier may set; outside them is field_locked.
+    allowed_values: dict[str, Any] = dict(DEFAULT_ALLOWED_VALUES)
     # The server tools (RELAY_TOOLS names, or MCP labels) this tier's sessions get; None: all.
     tools: list[str] | None = None
     # Forward the server tools' calls and outputs to the client (for "looking it up..." UIs).
     show_tool_calls: bool = False
+    # A field the tier may not set (or a value outside allowed_values) in a client's
+    # session.update / response.create: "ignore" removes it and forwards the rest, "refuse"
+    # refuses the whole event with field_locked.
+    locked_fields: Literal["ignore", "refuse"] = "ignore"
     # Item kinds a client may create (ITEM_KINDS).
     client_may_create: list[str] = list(DEFAULT_CLIENT_MAY_CREATE)
 
@@ -228,7 +259,11 @@ class JwtSettings(_Section):
 
 
 class ModelPrice(_Section):
-    """USD per million tokens, by direction and kind (missing kinds cost nothing)."""
+    """USD per million tokens, by direction and kind, and per minute of duration-billed audio.
+
+    Missing kinds cost nothing. `per_minute` prices transcription usage of type `duration`
+    (whisper-1 reports seconds, not tokens: REALTIME.md §14.4).
+    """
 
     input_text: float = 0.0
     input_audio: float = 0.0
@@ -238,15 +273,22 @@ class ModelPrice(_Section):
     cached_image: float = 0.0
     output_text: float = 0.0
     output_audio: float = 0.0
+    per_minute: float = 0.0
 
 
-def _price(*values: float) -> ModelPrice:
-    names = tuple(ModelPrice.model_fields)
-    return ModelPrice(**dict(zip(names, values, strict=True)))
+_PER_MILLION_FIELDS: Final = (
+    "input_text", "input_audio", "input_image", "cached_text", "cached_audio", "cached_image",
+    "output_text", "output_audio",
+)  # fmt: skip
+
+
+def _price(*per_million: float) -> ModelPrice:
+    return ModelPrice(**dict(zip(_PER_MILLION_FIELDS, per_million, strict=True)))
 
 
 # OpenAI's published list prices (USD / 1M tokens): text, audio, image in; cached text, audio,
-# image; text, audio out. Override with RELAY_PRICES; models not listed are counted as unpriced.
+# image; text, audio out; whisper-1 per minute. Override with RELAY_PRICES; models neither
+# listed nor aliased (RELAY_PRICE_ALIASES) are counted as unpriced.
 DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-4o-realtime-preview": _price(5.0, 40.0, 0, 2.5, 2.5, 0, 20.0, 80.0),
     "gpt-4o-mini-realtime-preview": _price(0.6, 10.0, 0, 0.3, 0.3, 0, 2.4, 20.0),
@@ -254,7 +296,59 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-realtime-mini": _price(0.6, 10.0, 0.8, 0.06, 0.3, 0.08, 2.4, 20.0),
     "gpt-4o-transcribe": _price(2.5, 6.0, 0, 0, 0, 0, 10.0, 0),
     "gpt-4o-mini-transcribe": _price(1.25, 3.0, 0, 0, 0, 0, 5.0, 0),
+    "whisper-1": ModelPrice(per_minute=0.006),
 }
+
+# The dated snapshots of the priced models (the SDKs' model enums), priced as their family.
+# Not gpt-4o-realtime-preview-2024-10-01: it was listed at its own, higher audio prices.
+DEFAULT_PRICE_ALIASES: dict[str, str] = {
+    "gpt-realtime-2025-08-28": "gpt-realtime",
+    "gpt-realtime-mini-2025-10-06": "gpt-realtime-mini",
+    "gpt-realtime-mini-2025-12-15": "gpt-realtime-mini",
+    "gpt-4o-realtime-preview-2024-12-17": "gpt-4o-realtime-preview",
+    "gpt-4o-realtime-preview-2025-06-03": "gpt-4o-realtime-preview",
+    "gpt-4o-mini-realtime-preview-2024-12-17": "gpt-4o-mini-realtime-preview",
+    "gpt-4o-mini-transcribe-2025-12-15": "gpt-4o-mini-transcribe",
+}
+
+
+class TlsSettings(_Section):
+    """TLS on the relay's own listener: a PEM certificate chain and its unencrypted key.
+
+    Off by default, as behind an ingress or load balancer that ends TLS. Clients that connect
+    only over ``wss://`` (openai-node's Realtime clients) need it when they reach the relay
+    directly.
+    """
+
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    @field_validator("certfile", "keyfile")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        if value is not None and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+            raise ValueError(f"{value!r} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _a_pair(self) -> TlsSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("set both RELAY_TLS__CERTFILE and RELAY_TLS__KEYFILE, or neither")
+        if self.certfile is not None:
+            import ssl  # only here: most relays never load a certificate
+
+            # Load them now, so a wrong file, a mismatched pair or an encrypted key stops the
+            # relay with the variables named instead of a traceback from uvicorn (or, for an
+            # encrypted key, OpenSSL asking for its passphrase on the terminal).
+            try:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(self.certfile, self.keyfile, password=lambda: b"")
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    "RELAY_TLS__CERTFILE and RELAY_TLS__KEYFILE are not a PEM certificate and "
+                    f"its unencrypted private key ({exc})"
+                ) from None
+        return self
 
 
 class Settings(BaseSettings):
@@ -294,6 +388,12 @@ class Settings(BaseSettings):
     # Browser origins allowed to open /ws ("*": any). The page's own origin is always allowed.
     allowed_origins: list[str] = []
     prices: dict[str, ModelPrice] = DEFAULT_PRICES
+    # model -> the priced model it is billed as (exact names only: never matched by prefix).
+    price_aliases: dict[str, str] = DEFAULT_PRICE_ALIASES
+    # Answers GET /v1/relay/admin/spend (Authorization: Bearer <key>); unset: no admin API.
+    admin_key: SecretStr | None = None
+    # TLS on the relay's own port (RELAY_TLS__CERTFILE, RELAY_TLS__KEYFILE); off by default.
+    tls: TlsSettings = TlsSettings()
     # Server tools: run by the relay, hidden from clients (app/tools/).
     tools: list[ServerToolSettings] = []
     mcp_servers: dict[str, McpServerSettings] = {}

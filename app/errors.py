@@ -10,6 +10,7 @@ and a message that is safe to show (no keys, no other tenants' data)::
     │   ├── FieldLockedError        field_locked: a change the tier does not allow
     │   ├── ItemNotAllowedError     item_not_allowed / invalid_call_id: an item the client may
     │   │                           not create (a forged tool call, or an output for no open call)
+    │   └── RateLimitedError        rate_limited: over max_concurrent_responses or per minute
     │   └── InvalidAudioError       invalid_audio
     ├── AdmissionError              refused before any upstream connection (close 1008)
     │   ├── UnauthorizedError       unauthorized
@@ -18,6 +19,7 @@ and a message that is safe to show (no keys, no other tenants' data)::
     │   ├── UnsupportedClientError  unsupported_protocol
     │   └── SessionLimitError       session_limit_reached
     ├── LimiterUnavailableError     limiter_unavailable (close 1013: retrying may help)
+    ├── BudgetExhaustedError        budget_exhausted (close 1008); budget_warning at 80 %
     ├── SessionEndedError           session_expired / session_idle (close 1000)
     ├── ClientTimeoutError          client_timeout: keepalive pings unanswered (close 1011)
     ├── MessageTooBigError          message_too_big (close 1009)
@@ -71,6 +73,9 @@ class ErrorCode(StrEnum):
     FIELD_LOCKED = "field_locked"
     ITEM_NOT_ALLOWED = "item_not_allowed"
     INVALID_CALL_ID = "invalid_call_id"
+    RATE_LIMITED = "rate_limited"
+    BUDGET_WARNING = "budget_warning"  # a warning: the session goes on
+    BUDGET_EXHAUSTED = "budget_exhausted"
     INVALID_AUDIO = "invalid_audio"
     # AdmissionError: refused before any upstream connection
     UNAUTHORIZED = "unauthorized"
@@ -183,6 +188,13 @@ class ItemNotAllowedError(ClientError):
     code = ErrorCode.ITEM_NOT_ALLOWED
 
 
+class RateLimitedError(ClientError):
+    """A `response.create` over the tier's `max_concurrent_responses` or
+    `max_responses_per_minute`; the session goes on."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
 class InvalidAudioError(ClientError):
     """Audio the relay cannot decode; nothing buffered before it is lost."""
 
@@ -227,6 +239,15 @@ class LimiterUnavailableError(RelayError):
 
     code = ErrorCode.LIMITER_UNAVAILABLE
     close_code = CloseCode.TRY_AGAIN_LATER
+
+
+class BudgetExhaustedError(RelayError):
+    """A session or a client reached its budget (tokens, USD per session, USD per client per
+    day); as a warning at 80 % its code is `budget_warning`."""
+
+    code = ErrorCode.BUDGET_EXHAUSTED
+    close_code = CloseCode.POLICY
+    error_type = "invalid_request_error"
 
 
 class SessionEndedError(RelayError):

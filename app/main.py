@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app.api.admin import admin_router
 from app.api.client_secrets import client_secrets_router
 from app.api.demo import demo_router
 from app.audio.wire import OUTPUT_CODECS
@@ -32,6 +33,7 @@ from app.auth.credentials import credential_from
 from app.config import Settings, load_settings
 from app.errors import RelayError
 from app.limits import make_limiter
+from app.limits.spend import make_spend_store
 from app.logs import configure_logging, guard_wire_logs
 from app.metrics import RelayMetrics
 from app.tools import Toolbox
@@ -93,7 +95,8 @@ def create_app(settings: Settings | None = None) -> RelayApp:
     logger.debug("websockets' DEBUG lines (handshake headers, frames) are left out of the logs")
     metrics = RelayMetrics(settings)
     toolbox = Toolbox(settings, metrics)
-    relay = Relay(settings, metrics, make_limiter(settings), toolbox)
+    spend = make_spend_store(settings)
+    relay = Relay(settings, metrics, make_limiter(settings), toolbox, spend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -107,6 +110,7 @@ def create_app(settings: Settings | None = None) -> RelayApp:
             yield {"relay": relay}
         finally:
             await toolbox.aclose()
+            await spend.aclose()
             await relay.limiter.aclose()
 
     app = FastAPI(title="realtime-relay", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -136,6 +140,7 @@ def create_app(settings: Settings | None = None) -> RelayApp:
         return JSONResponse({"status": "ready"})
 
     app.include_router(client_secrets_router(relay.auth, settings))
+    app.include_router(admin_router(settings, spend))
     if settings.upstream.demo:  # the demo's get_time tool (app/api/demo.py)
         app.include_router(demo_router())
 
@@ -175,6 +180,11 @@ def server_config(app: RelayApp, settings: Settings, **overrides: Any) -> uvicor
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
         "proxy_headers": True,
     }
+    if settings.tls.certfile is not None:
+        # TLS on the relay's own port (RELAY_TLS__*), for clients that reach it directly over
+        # wss:// (openai-node's Realtime clients use no other scheme). Behind an ingress: unset.
+        options["ssl_certfile"] = settings.tls.certfile
+        options["ssl_keyfile"] = settings.tls.keyfile
     options.update(overrides)
     if "http" not in options:
         # Uvicorn's HTTP protocol with RELAY_MAX_CONNECTIONS and RELAY_HANDSHAKE_TIMEOUT_SECONDS

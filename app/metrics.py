@@ -13,6 +13,8 @@ metric updated as it happens.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections.abc import Iterable
@@ -25,10 +27,12 @@ from prometheus_client.registry import Collector
 
 from app.audio.codecs import InputCodec, OutputCodec, UpstreamFormat
 from app.audio.wire import ClientAudio
-from app.codes import Outcome, RejectionReason, ToolOutcome
-from app.config import Settings
-from app.core.usage import ALL_KINDS, Kind, per_token_prices, price_lookup, split_usage
+from app.codes import BudgetScope, Outcome, RejectionReason, ToolOutcome
+from app.config import ModelPrice, Settings
+from app.core.usage import ALL_KINDS, Pricing, split_usage, usage_cost, usage_seconds
 from app.errors import CloseCode, ErrorCode, UpstreamErrorCode
+
+logger = logging.getLogger(__name__)
 
 NAMESPACE: Final = "realtime_relay"
 OTHER: Final = "other"
@@ -51,7 +55,26 @@ class AudioDirection(StrEnum):
 # Label sets, derived from the vocabularies (`codes.py`, `errors.py`, `audio.codecs`).
 OUTCOMES: Final = frozenset(outcome.value for outcome in Outcome)
 REJECTION_REASONS: Final = frozenset(reason.value for reason in RejectionReason)
+# The fields a client most often sends that tiers lock: a bounded label set, others are `other`.
+IGNORABLE_FIELDS: Final = frozenset(
+    f"{event}.{path}"
+    for event in ("session", "response")
+    for path in (
+        "type", "model", "instructions", "tools", "tool_choice", "tracing", "prompt",
+        "truncation", "include", "max_output_tokens", "output_modalities", "audio",
+        "audio.input.format", "audio.output.format", "audio.output.voice", "audio.output.speed",
+        "audio.input.transcription", "audio.input.transcription.model",
+        "audio.input.turn_detection", "audio.input.turn_detection.idle_timeout_ms",
+        "audio.input.noise_reduction", "conversation", "metadata",
+    )
+)  # fmt: skip
 TOOL_OUTCOMES: Final = frozenset(outcome.value for outcome in ToolOutcome)
+BUDGET_SCOPES: Final = frozenset(scope.value for scope in BudgetScope)
+# The `name` label of the upstream's rate limits (`rate_limits.updated`, REALTIME.md §4.6).
+RATE_LIMIT_NAMES: Final = frozenset({"requests", "tokens"})
+# Distinct unpriced model names logged, once each, by one RelayMetrics (one per process);
+# past it, no more are: model names can come from the upstream.
+MAX_UNPRICED_LOGGED: Final = 100
 # Error codes with a series of their own: the relay's and the upstream's (REALTIME.md §10).
 ERROR_CODES: Final = frozenset(code.value for code in (*ErrorCode, *UpstreamErrorCode))
 CLOSE_CODES: Final = frozenset(str(code.value) for code in CloseCode)
@@ -156,13 +179,14 @@ class RelayMetrics:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tiers = frozenset(settings.tiers)
-        models = {settings.session.model, *settings.prices}
+        self.pricing = Pricing(settings.prices, settings.price_aliases)
+        # Every priced or aliased name is a label, so a model's label prices it as its name does.
+        models = {settings.session.model, *self.pricing.names()}
         for tier in settings.tiers.values():
             models.update(tier.models)
         if settings.session.transcription:
             models.add(str(settings.session.transcription.get("model", "")))
         self.models = frozenset(models)
-        self.prices = settings.prices
         ns, reg = NAMESPACE, self.registry
 
         self.sessions_active = Gauge(
@@ -187,6 +211,20 @@ class RelayMetrics:
         self.unpriced_tokens = Counter(
             "unpriced_tokens", "Tokens of models with no configured price.", ["tier", "model"],
             namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.transcription_seconds = Counter(
+            "transcription_seconds", "Seconds of audio billed by duration (transcription usage).",
+            ["tier", "model"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.budgets_exhausted = Counter(
+            "budget_exhausted", "Sessions ended, or refused, for an exhausted budget, by scope.",
+            ["tier", "scope"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        # No series until the upstream reports one: a 0 would read as a limit reached.
+        self.rate_limit_remaining = Gauge(
+            "upstream_rate_limit_remaining",
+            "Requests or tokens the upstream account has left, as last reported by any session.",
+            ["name"], namespace=ns, registry=reg,
         )  # fmt: skip
         self.turn_latency = Histogram(
             "turn_latency_seconds",
@@ -221,6 +259,10 @@ class RelayMetrics:
             "transcode_seconds", "Time to transcode one audio frame.", ["operation"],
             buckets=TRANSCODE_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
+        self.fields_ignored = Counter(
+            "fields_ignored", "Fields removed from client events: the tier locks them.",
+            ["field"], namespace=ns, registry=reg,
+        )  # fmt: skip
         self.tool_calls = Counter(
             "tool_calls", "Server tool calls the relay ran, by tool and outcome.",
             ["tool", "outcome"], namespace=ns, registry=reg,
@@ -231,8 +273,8 @@ class RelayMetrics:
         )  # fmt: skip
         # Tool labels: the names RELAY_TOOLS gives, and those MCP servers list (`known_tools`).
         self.tools = frozenset(tool.name for tool in settings.tools if tool.name is not None)
-        self._usage: dict[tuple[str, str], tuple[dict[Kind, Counter], dict[Kind, float] | None]]
-        self._usage = {}
+        self._usage: dict[tuple[str, str], ModelUsage] = {}
+        self._unpriced_logged: set[str] = set()
         self.traffic = TrafficCollector()
         reg.register(self.traffic)
         self._create_series()
@@ -245,6 +287,8 @@ class RelayMetrics:
         for tier in self.tiers:
             for reason in REJECTION_REASONS:
                 self.rejections.labels(tier, reason)
+            for scope in BUDGET_SCOPES:
+                self.budgets_exhausted.labels(tier, scope)
         for direction in DIRECTIONS:
             self.added_latency.labels(direction)
         self.known_tools(())
@@ -267,6 +311,10 @@ class RelayMetrics:
         """Count an `error` event the relay itself sent."""
         self.error("relay", code)
 
+    def field_ignored(self, path: str) -> None:
+        """Count a field removed from a client event (`path` like `session.instructions`)."""
+        self.fields_ignored.labels(_known(path, IGNORABLE_FIELDS)).inc()
+
     def known_tools(self, names: Iterable[str]) -> None:
         """Give the server tools (those MCP servers listed included) series of their own."""
         self.tools = self.tools | frozenset(names)
@@ -284,24 +332,92 @@ class RelayMetrics:
     def upstream_closed(self, code: int | None) -> None:
         self.upstream_closes.labels(_known(str(code), CLOSE_CODES)).inc()
 
-    def usage_counters(
-        self, tier: str, model: str
-    ) -> tuple[dict[Kind, Counter], dict[Kind, float] | None]:
-        """The token counters of (`tier`, `model`) and the model's USD per token, built once."""
-        key = (tier, model)
-        cached = self._usage.get(key)
-        if cached is None:
-            counters = {kind: self.tokens.labels(tier, model, *kind) for kind in ALL_KINDS}
-            price = price_lookup(self.prices, model)
-            cached = self._usage[key] = (counters, per_token_prices(price) if price else None)
-        return cached
+    def budget_exhausted(self, tier: str, scope: str) -> None:
+        """Count a session ended or refused because a budget (`codes.BudgetScope`) ran out."""
+        self.budgets_exhausted.labels(self.tier_label(tier), _known(scope, BUDGET_SCOPES)).inc()
+
+    def rate_limits(self, entries: Any) -> None:
+        """Set the remaining-quota gauges from a `rate_limits.updated` event's `rate_limits`.
+
+        Each entry is `{"name": "requests" | "tokens", "limit", "remaining", "reset_seconds"}`
+        (REALTIME.md §4.6); other names are reported as `other`, malformed entries skipped.
+        """
+        if not isinstance(entries, list):
+            return
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue
+            name, remaining = entry.get("name"), entry.get("remaining")
+            if isinstance(remaining, bool) or not isinstance(remaining, int | float):
+                continue
+            if not math.isfinite(remaining):
+                continue
+            label = _known(name, RATE_LIMIT_NAMES) if isinstance(name, str) else OTHER
+            self.rate_limit_remaining.labels(label).set(remaining)
+
+    def model_usage(self, tier: str, model: str) -> ModelUsage:
+        """The usage metrics of (`tier`, `model`) and the model's price, built once per label."""
+        key = (self.tier_label(tier), self.model_label(model))
+        usage = self._usage.get(key)
+        if usage is None:
+            usage = self._usage[key] = ModelUsage(self, *key)
+        return usage
+
+    def unpriced(self, model: str) -> None:
+        """Log, once per model name, that `model` has usage but no price."""
+        if model in self._unpriced_logged or len(self._unpriced_logged) >= MAX_UNPRICED_LOGGED:
+            return
+        self._unpriced_logged.add(model)
+        logger.warning(
+            "model %r has no price (RELAY_PRICES, RELAY_PRICE_ALIASES): its usage is counted "
+            "in %s_unpriced_tokens_total, not in the cost",
+            model[:100], NAMESPACE,
+        )  # fmt: skip
 
     def session(
         self, tier: str, model: str, bytes_per_second: tuple[int, int], audio: ClientAudio
     ) -> SessionMeter:
         """A meter for a new session; `bytes_per_second` of the upstream input and output audio."""
-        tier, model = self.tier_label(tier), self.model_label(model)
         return SessionMeter(self, tier, model, bytes_per_second, audio)
+
+
+class ModelUsage:
+    """The usage metric children of one (tier, model) label pair, and the model's price.
+
+    `count` adds one usage object: its tokens by kind, the seconds of a duration-type
+    transcription usage, and their cost, or, for a model with no price, its tokens to
+    `unpriced_tokens_total` (and a log line, once per model).
+    """
+
+    __slots__ = ("_metrics", "tier", "model", "price", "_tokens", "_cost")
+
+    def __init__(self, metrics: RelayMetrics, tier: str, model: str) -> None:
+        self._metrics = metrics
+        self.tier, self.model = tier, model
+        # A label is a priced or aliased name, or `other` (never priced): priced as the name.
+        self.price: ModelPrice | None = metrics.pricing.price(model)
+        self._tokens = {kind: metrics.tokens.labels(tier, model, *kind) for kind in ALL_KINDS}
+        self._cost = metrics.cost.labels(tier, model)
+
+    def count(self, usage: Any, name: str) -> None:
+        """Add a `response.done` or transcription usage of model `name` (this label's model)."""
+        parts = split_usage(usage)
+        seconds = usage_seconds(usage)
+        if not parts and not seconds:
+            return
+        for kind, count in parts.items():
+            self._tokens[kind].inc(count)
+        metrics = self._metrics
+        if seconds:
+            metrics.transcription_seconds.labels(self.tier, self.model).inc(seconds)
+        if self.price is None:
+            if parts:
+                metrics.unpriced_tokens.labels(self.tier, self.model).inc(sum(parts.values()))
+            metrics.unpriced(name)
+            return
+        cost = usage_cost(parts, seconds, self.price)
+        if cost:
+            self._cost.inc(cost)
 
 
 class SessionMeter:
@@ -314,8 +430,8 @@ class SessionMeter:
 
     __slots__ = (
         "_metrics", "tier", "model", "_latency_in", "_latency_out", "_turn", "_first_audio",
-        "_speech_end", "_response_requested", "_input_bytes_per_second", "_tokens", "_cost",
-        "_prices", "_started", "_output_bytes_per_second",
+        "_speech_end", "_response_requested", "_input_bytes_per_second", "_usage",
+        "_model_name", "_started", "_output_bytes_per_second",
         "_transcription_model", "_decoder", "_decode", "_encode", "_decoder_rate",
         "_audio_in_key", "_binary_in_key", "_audio_out_key",
         "_n_in", "_bytes_in_tally", "_audio_in_tally", "_samples_in", "_n_out",
@@ -331,7 +447,10 @@ class SessionMeter:
         audio: ClientAudio,
     ) -> None:
         self._metrics = metrics
-        self.tier, self.model = tier, model
+        # `tier` and `model` as labels; the model's own name for the unpriced-model log.
+        self.tier, self.model = metrics.tier_label(tier), metrics.model_label(model)
+        self._model_name = model
+        tier, model = self.tier, self.model
         self._latency_in = metrics.added_latency.labels(Direction.CLIENT_TO_UPSTREAM)
         self._latency_out = metrics.added_latency.labels(Direction.UPSTREAM_TO_CLIENT)
         options = audio.options
@@ -353,8 +472,7 @@ class SessionMeter:
         self._transcription_model = OTHER
         self._speech_end: float | None = None
         self._response_requested: float | None = None
-        self._tokens, self._prices = metrics.usage_counters(tier, model)
-        self._cost = metrics.cost.labels(tier, model)
+        self._usage = metrics.model_usage(tier, model)
         self._started = time.monotonic()
         # Events, bytes, base64 audio characters and decoded samples are tallied in plain ints;
         # `TrafficCollector` reads them at each scrape and folds them into its totals at `close`.
@@ -414,12 +532,12 @@ class SessionMeter:
         if event_type == "response.done":
             response = event.get("response")
             if isinstance(response, dict):
-                self.count_usage(response.get("usage"), self.model, self._tokens, self._prices)
+                self._usage.count(response.get("usage"), self._model_name)
             self._speech_end = self._response_requested = None
         elif event_type == "conversation.item.input_audio_transcription.completed":
-            usage = event.get("usage")
-            if isinstance(usage, dict) and usage.get("type") == "tokens":
-                self.count_transcription(usage)
+            self.count_transcription(event.get("usage"))
+        elif event_type == "rate_limits.updated":
+            self._metrics.rate_limits(event.get("rate_limits"))
         elif event_type in ("session.created", "session.updated"):
             self._transcription_model = _transcription_model(event) or self._transcription_model
         elif event_type == "error":
@@ -427,30 +545,10 @@ class SessionMeter:
             code = error.get("code") if isinstance(error, dict) else None
             self._metrics.error("upstream", code if isinstance(code, str) else OTHER)
 
-    def count_usage(
-        self,
-        usage: Any,
-        model: str,
-        counters: dict[Kind, Counter],
-        prices: dict[Kind, float] | None,
-    ) -> None:
-        """Add a usage object's tokens (and their cost) to the counters of `model`."""
-        parts = split_usage(usage)
-        for kind, count in parts.items():
-            counters[kind].inc(count)
-        if prices is None:
-            if parts:
-                self._metrics.unpriced_tokens.labels(self.tier, model).inc(sum(parts.values()))
-            return
-        cost = sum(prices[kind] * count for kind, count in parts.items())
-        if cost:
-            self._metrics.cost.labels(self.tier, model).inc(cost)
-
-    def count_transcription(self, usage: dict[str, Any]) -> None:
-        """Transcription runs on its own model and is counted under that model's label."""
-        model = self._metrics.model_label(self._transcription_model)
-        counters, prices = self._metrics.usage_counters(self.tier, model)
-        self.count_usage(usage, model, counters, prices)
+    def count_transcription(self, usage: Any) -> None:
+        """Transcription usage (tokens or duration) runs on its own model, counted under it."""
+        model = self._transcription_model
+        self._metrics.model_usage(self.tier, model).count(usage, model)
 
     def tally_into(
         self, events: dict[str, int], sizes: dict[str, int], audio: dict[tuple[str, str], float]

@@ -50,9 +50,11 @@ fi
 install_system_packages
 
 if [ "$mode" = test ]; then
-  # The Node test drivers: the Firefox page test's (tests/firefox) and the @openai/agents
-  # client's (tests/agents); each installed again when its lock file changes.
-  for npm_dir in tests/firefox tests/agents; do
+  # The Node test drivers: the Firefox page test's (tests/firefox), the @openai/agents
+  # client's (tests/agents) and openai-node's Realtime clients over wss:// (tests/openai_node,
+  # which also installs Node 22 from the `node` package: the native-WebSocket client needs it);
+  # each installed again when its lock file changes.
+  for npm_dir in tests/firefox tests/agents tests/openai_node; do
     lock=$npm_dir/package-lock.json
     npm_stamp="$npm_dir/node_modules/.installed-$(sha256sum "$lock" | cut -c1-16)"
     if [ ! -f "$npm_stamp" ]; then

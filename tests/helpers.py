@@ -37,6 +37,20 @@ TOOL = {
 SERVER_INSTRUCTIONS = "SERVER INSTRUCTIONS: be brief"
 WAIT = 10.0
 START_TIMEOUT = 10.0
+# A GA `response.done` usage with the cached tokens broken down (REALTIME.md §8.1).
+GA_USAGE = {
+    "total_tokens": 498,
+    "input_tokens": 452,
+    "output_tokens": 46,
+    "input_token_details": {
+        "text_tokens": 294,
+        "audio_tokens": 158,
+        "image_tokens": 0,
+        "cached_tokens": 384,
+        "cached_tokens_details": {"text_tokens": 256, "audio_tokens": 128, "image_tokens": 0},
+    },
+    "output_token_details": {"text_tokens": 12, "audio_tokens": 34},
+}
 
 
 def relay_settings(upstream_url: str, **overrides: Any) -> Settings:

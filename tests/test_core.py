@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from app.codes import Outcome
-from app.config import SessionSettings, TierSettings
+from app.config import ModelPrice, SessionSettings, TierSettings
+from app.core.budget import Budget, ResponseGate
 from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
 from app.core.session import Deadlines, Ending, Phase, SessionCore
 
@@ -42,6 +43,9 @@ class Port:
 
     def run_tool(self, call_id: str, name: str, arguments: str) -> None:
         self.log.append(("run", (call_id, name, json.loads(arguments))))
+
+    def spent(self, usd: float) -> None:
+        self.log.append(("spent", usd))
 
     def schedule(self, at: float | None) -> None:
         self.timer = at
@@ -77,6 +81,7 @@ def make(
     deadlines: Deadlines | None = None,
     may_set: list[str] | None = None,
     show_tool_calls: bool = False,
+    gate: ResponseGate | None = None,
     **policy_options: Any,
 ) -> tuple[SessionCore, Port, Meter]:
     policy = SessionPolicy(
@@ -95,6 +100,7 @@ def make(
         session_id="0123456789abcdef",
         count_error=errors.append,
         show_tool_calls=show_tool_calls,
+        gate=gate,
     )
     return core, port, meter
 
@@ -547,3 +553,93 @@ def test_client_tools_join_the_server_tools():
     core.client_text(json.dumps({"type": "session.update", "session": {"tools": [taken]}}), 1.1)
     ((kind, reply),) = port.take()
     assert kind == "reply" and reply["error"]["code"] == "invalid_event"
+
+
+# -- budgets and response limits ---------------------------------------------------------------
+
+
+PRICE = ModelPrice(input_text=4.0, output_audio=64.0)  # USD per million tokens
+
+
+def spend_session(**budget: Any) -> tuple[SessionCore, Port, Meter, list[str]]:
+    counted: list[str] = []
+    policy = SessionPolicy(SESSION, TierSettings().client_may_set, model="m")
+    port, meter = Port(), Meter()
+    core = SessionCore(
+        policy,
+        Deadlines(start_seconds=5.0),
+        meter,
+        port,
+        session_id="0123456789abcdef",
+        budget=Budget(**budget),
+        pricing=lambda model: PRICE if model == "m" else None,
+        count_budget=counted.append,
+    )
+    core.start(0.0)
+    up(core, CREATED)
+    up(core, UPDATED)
+    port.take()
+    return core, port, meter, counted
+
+
+def done_with(tokens: int, response_id: str = "resp_1") -> dict:
+    usage = {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens}
+    return {"type": "response.done", "response": {"id": response_id, "usage": usage}}
+
+
+def test_a_token_budget_warns_at_80_percent_then_ends_the_session():
+    """budget_warning once at 80 %, then at 100 % the active response is cancelled,
+    budget_exhausted is said and the session closes with 1008."""
+    core, port, _, counted = spend_session(max_tokens=1000)
+    up(core, done_with(500))
+    up(core, done_with(350, "resp_2"))
+    warnings = [v for k, v in port.take() if k == "client" and v["type"] == "error"]
+    assert [w["error"]["code"] for w in warnings] == ["budget_warning"]
+    up(core, {"type": "response.created", "response": {"id": "resp_3"}})
+    up(core, done_with(100, "resp_4"))  # another response reports: 950, no second warning
+    assert not [v for k, v in port.take() if k == "client" and v["type"] == "error"]
+    up(core, done_with(60, "resp_5"))
+    sent = port.take()
+    assert ("upstream", {"type": "response.cancel", "response_id": "resp_3"}) in sent
+    ending = port.ending
+    assert ending is not None and ending.close_code == 1008 and ending.error is not None
+    assert ending.error.code == "budget_exhausted" and counted == ["session_tokens"]
+
+
+def test_a_cost_budget_counts_the_priced_usage():
+    """max_cost_usd_per_session counts USD at the model's price."""
+    core, port, _, counted = spend_session(max_cost_usd=0.01)
+    up(core, done_with(2000))  # 2,000 input tokens at $4/M: $0.008, 80 %
+    up(core, done_with(500, "resp_2"))  # $0.010
+    assert port.ending is not None and counted == ["session_cost"]
+
+
+def test_parallel_responses_over_the_cap_are_refused():
+    """max_concurrent_responses counts responses asked for and not yet done; the session goes on."""
+    core, port, _ = opened(gate=ResponseGate(max_concurrent=2, per_minute=None))
+    oob = {"type": "response.create", "response": {"conversation": "none"}}
+    for now in (1.0, 1.1, 1.2):
+        core.client_text(json.dumps(oob), now)
+    kinds = [(k, v.get("error", {}).get("code")) for k, v in port.take()]
+    assert kinds == [("upstream", None), ("upstream", None), ("reply", "rate_limited")]
+    for response_id in ("r1", "r2"):
+        up(core, {"type": "response.created", "response": {"id": response_id}})
+    up(core, {"type": "response.done", "response": {"id": "r1"}})
+    core.client_text(json.dumps(oob), 2.0)
+    assert [k for k, _ in port.take() if k != "client"] == ["upstream"]
+    assert port.ending is None
+
+
+def test_responses_per_minute_hold():
+    """max_responses_per_minute counts the responses started in any 60 s."""
+    core, port, _ = opened(gate=ResponseGate(max_concurrent=10, per_minute=2))
+    create = json.dumps({"type": "response.create"})
+    for now in (1.0, 2.0, 3.0, 61.5):
+        core.client_text(create, now)
+    kinds = [(k, v.get("error", {}).get("code")) for k, v in port.take()]
+    assert kinds == [
+        ("upstream", None),
+        ("upstream", None),
+        ("reply", "rate_limited"),
+        ("upstream", None),
+    ]

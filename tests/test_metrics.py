@@ -17,9 +17,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from app.audio.wire import AudioOptions, ClientAudio
+from app.codes import BudgetScope
 from app.config import DEFAULT_PRICES, Settings
+from app.core.usage import usage_totals
 from app.metrics import AUDIO_CODECS, AUDIO_DIRECTIONS, DIRECTIONS, RelayMetrics, SessionMeter
-from tests.helpers import UPSTREAM_KEY, eventually, relay_settings
+from tests.helpers import GA_USAGE, UPSTREAM_KEY, eventually, relay_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -144,6 +146,13 @@ async def test_tokens_cost_sessions_and_latency_are_exact(relay_factory, upstrea
         value(after, "realtime_relay_turn_latency_seconds_count", tier="default", model=MODEL) == 2
     )
     assert value(after, "realtime_relay_upstream_connect_seconds_count") == 1
+    # `rate_limits.updated` is parsed (PARSED_UPSTREAM_TYPES): the gauges show the last one.
+    updates = [e for e in upstream.connections[0].sent if e["type"] == "rate_limits.updated"]
+    assert len(updates) == 2
+    for limit in updates[-1]["rate_limits"]:
+        labels = (("name", limit["name"]),)
+        remaining = after[("realtime_relay_upstream_rate_limit_remaining", labels)]
+        assert remaining == limit["remaining"]
     assert value(after, "realtime_relay_session_duration_seconds_count") == 1
     appends = sum(1 for _ in range(0, (24 * 2 * 1700), 960)) * 2
     assert value(after, "realtime_relay_events_total", direction="client_to_upstream") == appends
@@ -424,3 +433,204 @@ def test_unknown_label_values_are_other():
     assert sample(metrics, "realtime_relay_upstream_closes_total", code="1006") == 1
     assert sample(metrics, "realtime_relay_session_rejections_total", tier="default",
                   reason="other") == 1  # fmt: skip
+
+
+# Usage accounting, on real RelayMetrics and SessionMeter objects with no sockets. The usage
+# shapes are those of REALTIME.md §8 and §14.4 (and shared/protocol/examples).
+
+USAGE = GA_USAGE
+
+
+def upstream(meter: SessionMeter, event: dict) -> None:
+    """An upstream event the relay parsed, sent to the client."""
+    meter.upstream_event(event["type"], event, json.dumps(event), time.perf_counter())
+
+
+def response_done(meter: SessionMeter, usage: dict) -> None:
+    upstream(meter, {"type": "response.done", "response": {"status": "completed", "usage": usage}})
+
+
+def transcribed(meter: SessionMeter, model: str, usage: dict) -> None:
+    """The session's transcription model is `model`; one transcription with `usage` arrives."""
+    session = {"audio": {"input": {"transcription": {"model": model}}}}
+    upstream(meter, {"type": "session.updated", "session": session})
+    upstream(meter, {
+        "type": "conversation.item.input_audio_transcription.completed",
+        "item_id": "item_1", "content_index": 0, "transcript": "Hello.", "usage": usage,
+    })  # fmt: skip
+
+
+def tokens(metrics: RelayMetrics, model: str, direction: str, kind: str) -> float | None:
+    return sample(
+        metrics, "realtime_relay_tokens_total", tier="default", model=model,
+        direction=direction, kind=kind,
+    )  # fmt: skip
+
+
+def cost(metrics: RelayMetrics, model: str) -> float | None:
+    return sample(metrics, "realtime_relay_cost_usd_total", tier="default", model=model)
+
+
+def unpriced(metrics: RelayMetrics, model: str) -> float | None:
+    return sample(metrics, "realtime_relay_unpriced_tokens_total", tier="default", model=model)
+
+
+def tier_metrics(*models: str) -> RelayMetrics:
+    return RelayMetrics(Settings(openai_api_key="x", tiers={"default": {"models": list(models)}}))
+
+
+def test_response_usage_with_cached_details_counts_each_kind_once():
+    """A `response.done` usage with `cached_tokens_details`: kinds exact, cost at list price."""
+    metrics = new_metrics()
+    meter = new_meter(metrics)
+    response_done(meter, USAGE)
+    expected = expected_kinds(USAGE)
+    for (direction, kind), count in expected.items():
+        assert (tokens(metrics, MODEL, direction, kind) or 0) == count, (direction, kind)
+    assert cost(metrics, MODEL) == pytest.approx(usage_totals(USAGE, DEFAULT_PRICES[MODEL])[1])
+    assert unpriced(metrics, MODEL) is None
+
+
+def test_response_usage_without_cached_details_does_not_count_cached_tokens_twice():
+    """Without `cached_tokens_details` the kinds still add up to input_tokens / output_tokens."""
+    metrics = new_metrics()
+    meter = new_meter(metrics)
+    usage = json.loads(json.dumps(USAGE))
+    del usage["input_token_details"]["cached_tokens_details"]
+    response_done(meter, usage)
+    response_done(meter, usage)
+    inputs = sum(tokens(metrics, MODEL, "input", kind) or 0 for kind in (
+        "text", "audio", "image", "cached_text", "cached_audio", "cached_image",
+    ))  # fmt: skip
+    outputs = sum(tokens(metrics, MODEL, "output", kind) or 0 for kind in ("text", "audio"))
+    assert (inputs, outputs) == (2 * 452, 2 * 46)
+    cached = sum(tokens(metrics, MODEL, "input", k) or 0 for k in ("cached_text", "cached_audio"))
+    assert cached == 2 * 384
+    assert cost(metrics, MODEL) == pytest.approx(2 * usage_totals(usage, DEFAULT_PRICES[MODEL])[1])
+
+
+def test_duration_transcription_usage_counts_seconds_and_their_cost():
+    """whisper-1 `{"type": "duration", "seconds": N}`: seconds counted, priced per minute."""
+    metrics = new_metrics()
+    meter = new_meter(metrics)
+    transcribed(meter, "whisper-1", {"type": "duration", "seconds": 1.8})
+    transcribed(meter, "whisper-1", {"type": "duration", "seconds": 58.2})
+    seconds = "realtime_relay_transcription_seconds_total"
+    assert sample(metrics, seconds, tier="default", model="whisper-1") == pytest.approx(60.0)
+    assert cost(metrics, "whisper-1") == pytest.approx(0.006)
+    assert tokens(metrics, "whisper-1", "input", "audio") == 0
+    assert unpriced(metrics, "whisper-1") is None
+    assert cost(metrics, MODEL) == 0  # the session's own model is not charged for it
+
+
+def test_token_transcription_usage_counts_under_the_transcription_model():
+    """`type: tokens` transcription usage: tokens and cost under its own model, no seconds."""
+    metrics = new_metrics()
+    meter = new_meter(metrics)
+    usage = {
+        "type": "tokens", "input_tokens": 31, "output_tokens": 9, "total_tokens": 40,
+        "input_token_details": {"text_tokens": 12, "audio_tokens": 19},
+    }  # fmt: skip
+    transcribed(meter, "gpt-4o-mini-transcribe", usage)
+    model = "gpt-4o-mini-transcribe"
+    assert tokens(metrics, model, "input", "audio") == 19
+    assert tokens(metrics, model, "input", "text") == 12
+    assert tokens(metrics, model, "output", "text") == 9
+    assert cost(metrics, model) == pytest.approx((12 * 1.25 + 19 * 3.0 + 9 * 5.0) / 1e6)
+    seconds = "realtime_relay_transcription_seconds_total"
+    assert sample(metrics, seconds, tier="default", model=model) is None
+
+
+def test_dated_snapshots_are_priced_through_aliases_under_their_own_label():
+    """gpt-realtime-2025-08-28 costs what gpt-realtime does, counted under its own name."""
+    snapshot = "gpt-realtime-2025-08-28"
+    metrics = tier_metrics(snapshot)
+    meter = metrics.session("default", snapshot, (48_000, 48_000), ClientAudio(AudioOptions()))
+    response_done(meter, USAGE)
+    assert cost(metrics, snapshot) == pytest.approx(
+        usage_totals(USAGE, DEFAULT_PRICES["gpt-realtime"])[1]
+    )
+    assert tokens(metrics, snapshot, "output", "audio") == 34
+    assert unpriced(metrics, snapshot) is None
+
+
+@pytest.mark.parametrize("model", ["gpt-realtime-1.5", "gpt-realtime-whisper", "gpt-realtime-2"])
+def test_a_new_model_is_never_priced_by_prefix(model, caplog):
+    """A model named like a priced one but not listed is unpriced, and logged once."""
+    caplog.set_level(logging.WARNING, logger="app.metrics")
+    metrics = tier_metrics(model)
+    meter = metrics.session("default", model, (48_000, 48_000), ClientAudio(AudioOptions()))
+    response_done(meter, USAGE)
+    response_done(meter, USAGE)
+    assert unpriced(metrics, model) == 2 * 498
+    assert cost(metrics, model) in (None, 0)
+    assert tokens(metrics, model, "input", "cached_text") == 2 * 256
+    logged = [r for r in caplog.records if r.name == "app.metrics" and model in r.getMessage()]
+    assert len(logged) == 1 and logged[0].levelno == logging.WARNING
+
+
+def test_unpriced_models_are_logged_once_each_across_sessions(caplog):
+    """Each unpriced model is logged once, whatever the sessions; priced ones never are."""
+    caplog.set_level(logging.WARNING, logger="app.metrics")
+    metrics = tier_metrics(MODEL, "gpt-realtime-1.5")
+    audio = AudioOptions()
+    for _ in range(3):
+        meter = metrics.session("default", "gpt-realtime-1.5", (48_000, 48_000), ClientAudio(audio))
+        response_done(meter, USAGE)
+        transcribed(meter, "gpt-live-transcribe", {"type": "duration", "seconds": 2.0})
+        transcribed(meter, "whisper-1", {"type": "duration", "seconds": 2.0})
+        meter.close("completed")
+        response_done(new_meter(metrics), USAGE)
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.metrics"]
+    assert len(messages) == 2
+    assert "'gpt-realtime-1.5'" in messages[0] and "'gpt-live-transcribe'" in messages[1]
+    assert unpriced(metrics, "gpt-realtime-1.5") == 3 * 498
+    # Not a label (not configured): counted as `other`, its seconds too, at no cost.
+    seconds = "realtime_relay_transcription_seconds_total"
+    assert sample(metrics, seconds, tier="default", model="other") == pytest.approx(6.0)
+    assert sample(metrics, seconds, tier="default", model="whisper-1") == pytest.approx(6.0)
+    assert cost(metrics, "other") in (None, 0)
+
+
+def remaining(metrics: RelayMetrics, name: str) -> float | None:
+    gauge = "realtime_relay_upstream_rate_limit_remaining"
+    return metrics.registry.get_sample_value(gauge, {"name": name})
+
+
+def test_rate_limits_updated_sets_the_remaining_gauges():
+    """`rate_limits.updated` sets one gauge per name; other names are `other`, the last wins."""
+    metrics = new_metrics()
+    meter = new_meter(metrics)
+    assert remaining(metrics, "requests") is None  # no series before a report
+    for left in (4999, 4998):
+        upstream(meter, {"type": "rate_limits.updated", "rate_limits": [
+            {"name": "requests", "limit": 5000, "remaining": left, "reset_seconds": 0.012},
+            {"name": "tokens", "limit": 800000, "remaining": 790912, "reset_seconds": 0.375},
+            {"name": "images", "limit": 10, "remaining": 3, "reset_seconds": 1.0},
+            {"name": "tokens", "remaining": "lots"},
+            {"remaining": True},
+            "junk",
+        ]})  # fmt: skip
+    assert remaining(metrics, "requests") == 4998
+    assert remaining(metrics, "tokens") == 790912
+    assert remaining(metrics, "other") == 3
+    upstream(meter, {"type": "rate_limits.updated", "rate_limits": "not a list"})
+    assert remaining(metrics, "requests") == 4998
+
+
+def test_budget_exhaustion_is_counted_by_tier_and_scope():
+    """Every tier and scope starts at 0; unknown tiers and scopes are `other`."""
+    metrics = RelayMetrics(Settings(openai_api_key="x", tiers={"default": {}, "pro": {}}))
+    name = "realtime_relay_budget_exhausted_total"
+    for tier in ("default", "pro"):
+        for scope in BudgetScope:
+            assert sample(metrics, name, tier=tier, scope=scope.value) == 0
+    metrics.budget_exhausted("pro", BudgetScope.SESSION_COST)
+    metrics.budget_exhausted("pro", "client_day")
+    metrics.budget_exhausted("nobody", "session_tokens")
+    metrics.budget_exhausted("default", "made_up")
+    assert sample(metrics, name, tier="pro", scope="session_cost") == 1
+    assert sample(metrics, name, tier="pro", scope="client_day") == 1
+    assert sample(metrics, name, tier="other", scope="session_tokens") == 1
+    assert sample(metrics, name, tier="default", scope="other") == 1
+    assert sample(metrics, name, tier="default", scope="session_tokens") == 0

@@ -475,3 +475,69 @@ def test_unreadable_upstream_session_is_not_forwarded(frame):
     with pytest.raises(UpstreamError) as caught:
         policy().upstream_event(frame)
     assert caught.value.close_code == 1014
+
+
+# -- allowed values (cost control) ---------------------------------------------------------------
+
+
+def default_tier_policy() -> SessionPolicy:
+    tier = TierSettings()
+    return SessionPolicy(
+        SESSION, tier.client_may_set, model="m", allowed_values=tier.allowed_values
+    )
+
+
+@pytest.mark.parametrize(
+    ("session", "param"),
+    [
+        ({"audio": {"output": {"voice": {"id": "voice_custom_1"}}}}, "session.audio.output.voice"),
+        ({"audio": {"output": {"voice": "nobody"}}}, "session.audio.output.voice"),
+        ({"audio": {"output": {"speed": 3.0}}}, "session.audio.output.speed"),
+        ({"audio": {"output": {"speed": "fast"}}}, "session.audio.output.speed"),
+        (
+            {"audio": {"input": {"transcription": {"model": "whisper-1"}}}},
+            "session.audio.input.transcription.model",
+        ),
+        (
+            {
+                "audio": {
+                    "input": {"turn_detection": {"type": "semantic_vad", "idle_timeout_ms": 1}}
+                }
+            },
+            "session.audio.input.turn_detection.idle_timeout_ms",
+        ),
+    ],
+    ids=["custom-voice", "unknown-voice", "speed", "speed-type", "transcription", "idle-timeout"],
+)
+def test_values_outside_the_tier_s_list_are_locked(session, param):
+    """A value outside allowed_values is refused as a locked field, naming its path."""
+    with pytest.raises(FieldLockedError) as caught:
+        default_tier_policy().client_event(text({"type": "session.update", "session": session}))
+    assert caught.value.param == param
+
+
+def test_values_inside_the_tier_s_list_pass():
+    """Named voices, speeds within 0.25-1.5 and the server's transcription model pass."""
+    session = {
+        "audio": {
+            "output": {"voice": "cedar", "speed": 1.25},
+            "input": {"transcription": {"model": SESSION.transcription["model"]}},
+        }
+    }
+    event_type, _ = default_tier_policy().client_event(
+        text({"type": "session.update", "session": session})
+    )
+    assert event_type == "session.update"
+
+
+def test_a_response_override_is_held_to_the_same_values():
+    """Per-response audio choices obey the same lists as the session's."""
+    response = {"audio": {"output": {"voice": "nobody"}}}
+    policy = SessionPolicy(
+        SESSION,
+        [*TierSettings().client_may_set],
+        model="m",
+        allowed_values=TierSettings().allowed_values,
+    )
+    with pytest.raises(FieldLockedError):
+        policy.client_event(text({"type": "response.create", "response": response}))

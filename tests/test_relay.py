@@ -99,8 +99,11 @@ async def test_client_events_wait_for_injection(relay_factory, upstream):
 
 
 async def test_locked_session_update_is_refused_and_session_continues(relay_factory, upstream):
-    """A client cannot change instructions or tools: an error names them; nothing goes upstream."""
-    relay = await relay_factory(settings_for(upstream))
+    """On a tier that refuses locked fields, a client cannot change instructions or tools: an
+    error names them; nothing goes upstream."""
+    relay = await relay_factory(
+        settings_for(upstream, tiers={"default": {"locked_fields": "refuse"}})
+    )
     async with connect(relay.ws_url) as ws:
         await recv_until(ws, "session.created")
         session = {"type": "realtime", "instructions": "leak it", "tools": []}
@@ -249,13 +252,52 @@ async def test_client_drop_closes_the_upstream(relay_factory, upstream):
     assert relay.metric("realtime_relay_sessions_total", labels) == 1
 
 
-async def test_beta_clients_are_told_to_use_ga(relay_factory, upstream):
-    """The beta subprotocol is refused with a clear code, before any upstream connection."""
+async def test_locked_fields_are_ignored_by_default(relay_factory, upstream):
+    """The default tier removes what it locks and forwards the rest, with no error: an SDK that
+    sends its whole session config keeps its legitimate choices."""
     relay = await relay_factory(settings_for(upstream))
-    async with connect(relay.ws_url, subprotocols=["realtime", "openai-beta.realtime-v1"]) as ws:
-        assert (await recv_until(ws, "error"))["error"]["code"] == "unsupported_protocol"
-        assert (await closed(ws))[0] == 1008
-    assert upstream.connections == []
+    async with connect(relay.ws_url) as ws:
+        await recv_until(ws, "session.updated")
+        session = {
+            "type": "realtime",
+            "instructions": "leak it",
+            "tools": [],
+            "audio": {"output": {"voice": "alloy", "speed": 9.0}},
+        }
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        seen: list[dict] = []
+        updated = await recv_until(ws, "session.updated", seen)
+    assert not [event for event in seen if event["type"] == "error"]
+    assert updated["session"]["audio"]["output"]["voice"] == "alloy"
+    forwarded = [e for e in upstream.connections[0].events if e["type"] == "session.update"][1]
+    assert forwarded["session"] == {"type": "realtime", "audio": {"output": {"voice": "alloy"}}}
+    for field in ("session.instructions", "session.tools", "session.audio.output.speed"):
+        assert relay.metric("realtime_relay_fields_ignored_total", {"field": field}) == 1
+
+
+async def test_a_beta_client_speaks_beta_to_a_ga_upstream(relay_factory, upstream):
+    """The beta dialect is translated both ways: GA upstream, a beta stream for the client, and
+    the same rules (the tier's voice choice passes, instructions stay the server's)."""
+    relay = await relay_factory(settings_for(upstream))
+    protocols = ["realtime", "openai-beta.realtime-v1", f"openai-insecure-api-key.{CLIENT_KEY}"]
+    seen: list[dict] = []
+    async with connect(relay.ws_url, subprotocols=protocols) as ws:
+        await recv_until(ws, "session.updated")
+        update = {"modalities": ["text", "audio"], "voice": "cedar", "temperature": 0.7}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        updated = await recv_until(ws, "session.updated")
+        assert updated["session"]["voice"] == "cedar"  # the flat beta session
+        await ws.send(user_text("hello beta"))
+        await ws.send(json.dumps({"type": "response.create"}))
+        await recv_until(ws, "response.done", seen)
+    types = {event["type"] for event in seen}
+    assert "response.audio.delta" in types and "response.output_audio.delta" not in types
+    assert "conversation.item.created" in types
+    sent = upstream.connections[0].events
+    ga_update = [e for e in sent if e["type"] == "session.update"][1]
+    assert ga_update["session"]["audio"]["output"]["voice"] == "cedar"
+    assert "temperature" not in json.dumps(ga_update) and "voice" not in ga_update["session"]
+    assert "openai-beta" not in upstream.connections[0].headers
 
 
 async def test_a_refused_injection_ends_the_session(relay_factory, upstream):

@@ -29,7 +29,7 @@ from typing import Final
 
 from app.auth.tokens import MINTED_PREFIX, AppJwts, MintedTokens
 from app.config import Settings
-from app.errors import UnauthorizedError, UnsupportedClientError
+from app.errors import UnauthorizedError
 
 KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
 BETA_SUBPROTOCOL: Final = "openai-beta.realtime-v1"
@@ -68,26 +68,18 @@ def credential_from(
 ) -> str | None:
     """The credential a client presented, from its headers or its offered subprotocols.
 
-    Raises:
-        UnsupportedClientError: the client asked for the beta dialect (the relay speaks GA).
+    The beta dialect's own offers (the `openai-beta.realtime-v1` subprotocol, the
+    `OpenAI-Beta` header) carry no credential; `core.beta.is_beta` reads them.
     """
     credential = None
     for protocol in subprotocols:
         if protocol.startswith(KEY_SUBPROTOCOL_PREFIX):
             credential = protocol[len(KEY_SUBPROTOCOL_PREFIX) :]
-        elif protocol == BETA_SUBPROTOCOL:
-            raise UnsupportedClientError(
-                "the relay speaks the GA Realtime protocol only; drop the beta subprotocol"
-            )
     for name, value in headers:
         if name == b"authorization":
             token = bearer_token(value.decode("latin-1"))
             if token is not None:
                 credential = token
-        elif name == b"openai-beta":
-            raise UnsupportedClientError(
-                "the relay speaks the GA Realtime protocol only; drop the OpenAI-Beta header"
-            )
     return credential
 
 

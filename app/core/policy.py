@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from app.config import DEFAULT_CLIENT_MAY_CREATE, ITEM_KINDS, SessionSettings
+from app.config import DEFAULT_CLIENT_MAY_CREATE, ITEM_KINDS, SERVER_VALUE, SessionSettings
 from app.errors import (
     ClientError,
     FieldLockedError,
@@ -64,6 +64,7 @@ PARSED_UPSTREAM_TYPES: Final = frozenset(
         "response.done",
         "error",
         "conversation.item.input_audio_transcription.completed",
+        "rate_limits.updated",  # the account's remaining requests and tokens, for metrics
     }
 )
 # Parsed as well where the session has server tools: the events of their calls, to hide them.
@@ -112,6 +113,8 @@ INJECTED_EVENT_ID: Final = "relay_session_defaults"
 
 # Item `type`s other than `message`: a message's kind is its role's (`user_message`...).
 _ITEM_TYPES: Final = frozenset(kind for kind in ITEM_KINDS if not kind.endswith("_message"))
+
+_NOTHING: Final[list[str]] = []  # no field ignored (shared, never changed)
 
 # How much of a client-chosen name (a type, a field) an error repeats.
 _SHOWN = 64
@@ -194,6 +197,28 @@ def _unknown_field(
     return InvalidEventError(f"{event_type} has no field {name!r}", param=name)
 
 
+def _resolved(rule: Any, base: dict[str, Any], path: str) -> Any:
+    """`rule` with `SERVER_VALUE` replaced by the server's own value at `path` (if it has one)."""
+    if not isinstance(rule, list) or SERVER_VALUE not in rule:
+        return rule
+    server: Any = base
+    for key in path.split("."):
+        server = server.get(key) if isinstance(server, dict) else None
+    return [value for value in rule if value != SERVER_VALUE] + ([server] if server else [])
+
+
+def _allowed(value: Any, rule: Any) -> bool:
+    """Whether `value` is one of a list's values, or a number within `{"min", "max"}`."""
+    if isinstance(rule, list):
+        return any(value == allowed and type(value) is type(allowed) for allowed in rule)
+    if isinstance(rule, dict):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        low, high = rule.get("min"), rule.get("max")
+        return (low is None or value >= low) and (high is None or value <= high)
+    return False
+
+
 def _without(fields: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     """`fields` less the value at `path`, copying only the dicts along it (the rest is shared)."""
     head = path[0]
@@ -236,6 +261,11 @@ class SessionPolicy:
         input_format: the GA `audio.input.format` the upstream gets (set by the audio layer).
         output_format: the GA `audio.output.format` the upstream sends.
         client_may_create: the item kinds a client may create.
+        ignore_locked: the tier's `locked_fields` is "ignore": locked fields and disallowed values
+            are removed from a `session.update` or `response.create` (and reported), not refused.
+        allowed_values: dotted path -> the values a client may choose there (a list, where
+            `config.SERVER_VALUE` stands for the server's own value) or `{"min", "max"}`;
+            applied where the tier may set the path, in `session.update` and `response.create`.
         server_tools: the definitions of the server tools the session gets, injected with the
             client tools of `session.tools`.
     """
@@ -250,6 +280,8 @@ class SessionPolicy:
         output_format: dict[str, Any] | None = None,
         client_may_create: Iterable[str] = DEFAULT_CLIENT_MAY_CREATE,
         server_tools: Sequence[dict[str, Any]] = (),
+        allowed_values: dict[str, Any] | None = None,
+        ignore_locked: bool = False,
     ) -> None:
         self.model = model
         self.server_tools = list(server_tools)
@@ -258,6 +290,7 @@ class SessionPolicy:
         if self.server_tools:
             self.parsed_types = PARSED_UPSTREAM_TYPES | SERVER_TOOL_EVENT_TYPES
         self._may_create = frozenset(client_may_create)
+        self.ignore_locked = ignore_locked
         self.session_guard = guard = FieldGuard({"type", *client_may_set})
         self.response_guard = FieldGuard({*RESPONSE_FIELDS_ALWAYS_ALLOWED, *client_may_set})
         self.may_set_instructions = "instructions" in guard.allowed
@@ -270,13 +303,18 @@ class SessionPolicy:
             output_format or {"type": "audio/pcm", "rate": 24000},
         )
         base["tools"] = [*session.tools, *self.server_tools]
+        self._values = [
+            (tuple(path.split(".")), _resolved(rule, base, path))
+            for path, rule in (allowed_values or {}).items()
+            if guard.covers(tuple(path.split(".")))
+        ]
         fields = {**base, **session.extra}
         event = {"type": "session.update", "event_id": INJECTED_EVENT_ID, "session": fields}
         self.injected = json.dumps(event, separators=(",", ":"))
         private = [tuple(path.split(".")) for path in PRIVATE_SESSION_PATHS]
         private += [(key,) for key in session.extra if key not in base]
         self._hidden = tuple(path for path in dict.fromkeys(private) if not guard.covers(path))
-        self._checks: dict[str, Callable[[dict[str, Any]], None]] = {
+        self._checks: dict[str, Callable[[dict[str, Any]], list[str] | None]] = {
             "session.update": self._check_session_update,
             "response.create": self._check_response_create,
             "conversation.item.create": self._check_item_create,
@@ -309,10 +347,16 @@ class SessionPolicy:
     # -- client -> upstream -------------------------------------------------------------------
 
     def client_event(self, text: str) -> tuple[str, dict[str, Any]]:
+        """Decide a client text frame (`decide`, for callers that forward it unchanged)."""
+        event_type, event, _, _ = self.decide(text)
+        return event_type, event
+
+    def decide(self, text: str) -> tuple[str, dict[str, Any], str, list[str]]:
         """Decide a client text frame.
 
         Returns:
-            The event type and the parsed event; the frame is forwarded unchanged.
+            The event type, the parsed event, the text to forward (the same object unless
+            fields were removed) and the dotted paths removed (the tier ignores what it locks).
 
         Raises:
             InvalidEventError: not JSON (`invalid_json`, also for JSON nested too deep to
@@ -349,35 +393,64 @@ class SessionPolicy:
             if not event.keys() <= fields:
                 raise _unknown_field(event, event_type, fields)
             check = self._checks.get(event_type)
-            if check is not None:
-                check(event)
+            ignored = check(event) if check is not None else None
         except ClientError as exc:
             exc.client_event_id = _event_id(event)
             raise
-        return event_type, event
+        if ignored:
+            return event_type, event, json.dumps(event, separators=(",", ":")), ignored
+        return event_type, event, text, _NOTHING
 
-    def _check_session_update(self, event: dict[str, Any]) -> None:
+    def _check_session_update(self, event: dict[str, Any]) -> list[str] | None:
         session = event.get("session")
         if not isinstance(session, dict):
             raise InvalidEventError("session.update needs a 'session' object", param="session")
-        if session.get("type", "realtime") != "realtime":
-            raise _refuse(["session.type"], "this session")
         locked = self.session_guard.locked_paths(session)
-        if locked:
-            raise _refuse([f"session.{path}" for path in locked], "a client")
+        if session.get("type", "realtime") != "realtime":
+            locked = ["type", *locked]
+        locked += self._outside_values(session)
+        return self._locked(event, "session", locked, "a client")
 
-    def _check_response_create(self, event: dict[str, Any]) -> None:
+    def _locked(
+        self, event: dict[str, Any], key: str, locked: list[str], who: str
+    ) -> list[str] | None:
+        """Refuse the locked paths of `event[key]`, or (ignoring them) remove them."""
+        if not locked:
+            return None
+        if not self.ignore_locked:
+            raise _refuse([f"{key}.{path}" for path in locked], who)
+        fields = event[key]
+        for path in locked:
+            fields = _without(fields, tuple(path.split(".")))
+        event[key] = fields
+        return [f"{key}.{path}" for path in locked]
+
+    def _outside_values(self, fields: dict[str, Any]) -> list[str]:
+        """The paths whose value lies outside the tier's `allowed_values`."""
+        outside = []
+        for path, rule in self._values:
+            value: Any = fields
+            for key in path:
+                if not isinstance(value, dict) or key not in value:
+                    break
+                value = value[key]
+            else:
+                if not _allowed(value, rule):
+                    outside.append(".".join(path))
+        return outside
+
+    def _check_response_create(self, event: dict[str, Any]) -> list[str] | None:
         response = event.get("response")
         if response is None:
-            return
+            return None
         if not isinstance(response, dict):
             raise InvalidEventError("'response' must be an object", param="response")
-        locked = self.response_guard.locked_paths(response)
-        if locked:
-            raise _refuse([f"response.{path}" for path in locked], "a response")
+        locked = self.response_guard.locked_paths(response) + self._outside_values(response)
+        ignored = self._locked(event, "response", locked, "a response")
+        response = event["response"]
         items = response.get("input")
         if items is None:
-            return
+            return ignored
         if not isinstance(items, list):
             raise InvalidEventError(
                 "'response.input' must be a list of items", param="response.input"
@@ -388,6 +461,7 @@ class SessionPolicy:
                     "each item of 'response.input' must be an object", param="response.input"
                 )
             self._check_item(item, "response.input", "response.input.system")
+        return ignored
 
     def _check_item_create(self, event: dict[str, Any]) -> None:
         item = event.get("item")

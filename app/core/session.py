@@ -28,21 +28,33 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any, Final, Protocol
 
 from app.codes import Outcome
+from app.config import ModelPrice
+from app.core.beta import (
+    TRANSLATED_CLIENT_TYPES,
+    client_event_to_ga,
+    ga_param_to_beta,
+    upstream_event_to_beta,
+)
+from app.core.budget import Budget, Reached, ResponseGate
 from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
 from app.core.tools import ToolCalls
+from app.core.usage import usage_totals
 from app.errors import (
+    BudgetExhaustedError,
     ClientError,
     ClientTimeoutError,
     CloseCode,
     ErrorCode,
     InvalidEventError,
     ItemNotAllowedError,
+    RateLimitedError,
     RelayError,
     SessionEndedError,
     ShuttingDownError,
@@ -108,6 +120,7 @@ class Decisions(Protocol):
     def reply(self, text: str) -> None: ...  # an `error` event a client frame caused
     def flush_input(self) -> None: ...  # the client's input audio ends here (a commit)
     def run_tool(self, call_id: str, name: str, arguments: str) -> None: ...  # then `tool_done`
+    def spent(self, usd: float) -> None: ...  # the session's usage cost this much more
     def opened(self) -> None: ...  # the server's session is in place: read the client
     def schedule(self, at: float | None) -> None: ...  # call `timer` at `at` (None: never)
     def end(self, ending: Ending) -> None: ...  # close both sides; no more decisions follow
@@ -138,6 +151,13 @@ class SessionCore:
             sent it events before the core existed, so no id repeats).
         count_error: called with the code of each `error` event the relay itself sends.
         show_tool_calls: forward the server tools' calls and outputs to the client.
+        budget: the session's spending limits (and what it has spent).
+        gate: how many responses the client may start, at once and per minute.
+        pricing: the price of a model (None: unpriced).
+        count_budget: called with the scope of each budget the session exhausts.
+        count_ignored: called with each field path removed from a client event (`ignore` mode).
+        beta: the client speaks the beta dialect: its events are translated to GA before they
+            are judged, and what it is shown back to beta (`core.beta`).
         log: the session's logger.
     """
 
@@ -152,12 +172,26 @@ class SessionCore:
         event_ids: Iterator[int] | None = None,
         count_error: Callable[[str], None] = lambda code: None,
         show_tool_calls: bool = False,
+        budget: Budget | None = None,
+        gate: ResponseGate | None = None,
+        pricing: Callable[[str], ModelPrice | None] = lambda model: None,
+        count_budget: Callable[[str], None] = lambda scope: None,
+        count_ignored: Callable[[str], None] = lambda path: None,
+        beta: bool = False,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
     ) -> None:
         self.policy, self.deadlines, self.meter, self.out = policy, deadlines, meter, out
         self.phase = Phase.STARTING
         self.responses: set[str] = set()  # ids of the responses in flight
         self.tools = ToolCalls(policy.server_tool_names, show=show_tool_calls)
+        self.budget = budget if budget is not None else Budget()
+        self.gate = gate if gate is not None else ResponseGate(max_concurrent=1, per_minute=None)
+        self._pricing, self._count_budget = pricing, count_budget
+        self._count_ignored = count_ignored
+        self.beta = beta
+        self._price = pricing(policy.model)
+        self._transcription_model: str | None = None
+        self._unspent: tuple[int, float] | None = None
         # The relay's own response.create: its event id, and whether it is still unanswered
         # (no response.created since). Tool events carry a prefix the client cannot know.
         self._follow_up: str | None = None
@@ -177,6 +211,8 @@ class SessionCore:
             "response.output_item.done": self._output_item_done,
             "response.done": self._response_done,
             "error": self._error,
+            "session.updated": self._session_updated,
+            "conversation.item.input_audio_transcription.completed": self._transcribed,
         }
         if policy.server_tool_names:
             self._tracked |= {
@@ -201,7 +237,7 @@ class SessionCore:
     ) -> None:
         """An upstream event before the server's session is in place (the handshake)."""
         if self.phase is Phase.STARTING:
-            self.out.to_client(event_type, text)
+            self.out.to_client(event_type, self._shown(event_type, text))
             self.meter.upstream_event(event_type, event, text, now)
             if event_type != "session.created":
                 raise UpstreamError(f"the upstream sent {event_type or 'a non-event'} first")
@@ -220,9 +256,11 @@ class SessionCore:
                 "the upstream refused the relay's session settings",
                 code=ErrorCode.UPSTREAM_REJECTED_SESSION,
             )
-        self.out.to_client(event_type, text)
+        self.out.to_client(event_type, self._shown(event_type, text))
         self.meter.upstream_event(event_type, event, text, now)
         if event_type == "session.updated":
+            if event is not None:
+                self._session_updated(event, text)
             self.phase = Phase.OPEN
             self.out.schedule(self._next_deadline())
             self.out.opened()  # may deliver client frames that waited, before it returns
@@ -234,10 +272,16 @@ class SessionCore:
         if self.phase is not Phase.OPEN:
             return
         answered: list[str] | None = None  # no list per event on the hot path
+        if self.beta:
+            text = self._beta_to_ga(text)
         try:
-            event_type, event = self.policy.client_event(text)
+            event_type, event, text, ignored = self.policy.decide(text)
             try:
                 if event_type in _ITEM_EVENTS:  # rare: items and responses the client asks for
+                    if event_type == "response.create":
+                        refusal = self.gate.refusal(now, len(self.responses))
+                        if refusal is not None:
+                            raise RateLimitedError(f"{refusal}: this response was not started")
                     answered = self._client_items(event_type, event)
                 elif event_type == "session.update" and self.policy.server_tools:
                     text = self._with_server_tools(event, text)
@@ -248,14 +292,36 @@ class SessionCore:
         except ClientError as exc:
             self.refuse(exc)
             return
+        if ignored:  # rare: fields this tier locks, removed rather than refused
+            self._log.debug("ignored %s in a client's %s", ", ".join(ignored), event_type)
+            for path in ignored:
+                self._count_ignored(path)
         if event_type == "input_audio_buffer.commit":  # rare: once a turn
             self.out.flush_input()
         self.out.to_upstream(text)
         if answered:
             self.tools.close_client_calls(answered)
+        if event_type == "response.create":
+            self.gate.accepted(now)
         if event_type != "input_audio_buffer.append":
             self._activity = now  # audio alone is not activity: a silent microphone streams
         self.meter.client_event(event_type, event, len(text), now)
+
+    def _beta_to_ga(self, text: str) -> str:
+        """A beta client's frame in GA; audio appends (the same in both) are not parsed."""
+        match = _TYPE_PREFIX.match(text)
+        if match is None or match.group(1) not in TRANSLATED_CLIENT_TYPES:
+            return text
+        try:
+            event = json.loads(text)
+        except (ValueError, RecursionError):
+            return text  # the policy says why
+        if not isinstance(event, dict):
+            return text
+        translated, dropped = client_event_to_ga(event)
+        if dropped:
+            self._log.debug("dropped beta fields without a GA equivalent: %s", ", ".join(dropped))
+        return text if translated is event else json.dumps(translated, separators=(",", ":"))
 
     def _client_items(self, event_type: str, event: dict[str, Any]) -> list[str]:
         """The client calls its items answer; refuses outputs for no open client call."""
@@ -347,8 +413,10 @@ class SessionCore:
                 if shown is None:
                     return
                 text = shown
-        self.out.to_client(event_type, text)
+        self.out.to_client(event_type, self._shown(event_type, text) if self.beta else text)
         self.meter.upstream_event(event_type, event, text, now)
+        if self._unspent is not None:  # usage this event reported: counted once it is shown
+            self._spend(*self._unspent)
 
     def upstream_closed(
         self, code: int | None, *, keepalive_failed: bool, client_slow: bool
@@ -378,6 +446,7 @@ class SessionCore:
         if response_id is not None:
             self.responses.add(response_id)
         self.tools.response_created(event)
+        self.gate.created()
         # The relay's ask is answered, or a response came first (then its refusal follows).
         self._follow_up_pending = False
         return text
@@ -387,8 +456,54 @@ class SessionCore:
         if response_id is not None:
             self.responses.discard(response_id)
         text = self.tools.response_done(event, text)
+        response = event.get("response")
+        if isinstance(response, dict) and response.get("usage") is not None:
+            self._unspent = usage_totals(response["usage"], self._price)
         self._go_on()
         return text
+
+    def _session_updated(self, event: dict[str, Any], text: str) -> str:
+        """Notes the transcription model, whose usage is priced as its own."""
+        try:
+            model = event["session"]["audio"]["input"]["transcription"]["model"]
+        except (KeyError, TypeError):
+            return text
+        if isinstance(model, str):
+            self._transcription_model = model
+        return text
+
+    def _transcribed(self, event: dict[str, Any], text: str) -> str:
+        usage = event.get("usage")
+        if usage is not None and self._transcription_model is not None:
+            self._unspent = usage_totals(usage, self._pricing(self._transcription_model))
+        return text
+
+    # -- budgets -------------------------------------------------------------------------------
+
+    def _spend(self, tokens: int, cost_usd: float) -> None:
+        self._unspent = None
+        if cost_usd > 0:
+            self.out.spent(cost_usd)
+        reached = self.budget.add(tokens, cost_usd)
+        if reached is None:
+            return
+        what, scope = reached
+        kind = "token" if scope == "session_tokens" else "spending"
+        if what is Reached.WARNING:
+            message = f"this session has used 80 % of its {kind} budget"
+            self.warn(BudgetExhaustedError(message, code=ErrorCode.BUDGET_WARNING))
+        else:
+            self.exhaust(scope, f"this session has used its {kind} budget")
+
+    def exhaust(self, scope: str, message: str) -> None:
+        """A budget is spent: cancel what is being said, tell the client, close with 1008."""
+        if self.phase is Phase.ENDED:
+            return
+        self._count_budget(scope)
+        for response_id in sorted(self.responses):
+            event = {"type": "response.cancel", "response_id": response_id}
+            self.out.to_upstream(json.dumps(event, separators=(",", ":")))
+        self.fail(BudgetExhaustedError(message))
 
     def _output_item_added(self, event: dict[str, Any], text: str) -> str | None:
         return text if self.tools.item_added(event) else None
@@ -495,6 +610,10 @@ class SessionCore:
         """The relay is shutting down: end the session with 1012, so the client reconnects."""
         self.fail(ShuttingDownError("the relay is restarting; reconnect"))
 
+    def _shown(self, event_type: str, text: str) -> str:
+        """What the client sees of an upstream event: in its own dialect."""
+        return upstream_event_to_beta(event_type, text) if self.beta else text
+
     def warn(self, error: RelayError) -> None:
         """Send `error` as a warning; the session goes on."""
         if self.phase is not Phase.ENDED:
@@ -517,6 +636,9 @@ class SessionCore:
         self._count_error(error.code)
         event_id = f"{self._id_prefix}{next(self._event_ids)}"
         event = event_for(error, event_id=event_id, client_event_id=error.client_event_id)
+        param = event["error"]["param"]
+        if self.beta and param is not None:
+            event["error"]["param"] = ga_param_to_beta(param)
         return json.dumps(event, separators=(",", ":"))
 
 
@@ -524,6 +646,8 @@ class SessionCore:
 _ITEM_ID_EVENTS: Final = frozenset(
     {"conversation.item.retrieve", "conversation.item.delete", "conversation.item.truncate"}
 )
+# Client events are typed from their first bytes, as the upstream's are (policy.py).
+_TYPE_PREFIX: Final = re.compile(r'\{\s*"type"\s*:\s*"([^"\\]+)"')
 _ITEM_EVENTS: Final = frozenset({"conversation.item.create", "response.create", *_ITEM_ID_EVENTS})
 
 _Tracker = Callable[[dict[str, Any], str], str | None]

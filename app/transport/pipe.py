@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 from app.audio.wire import ClientAudio
+from app.config import ModelPrice
+from app.core.budget import Budget, ResponseGate
 from app.core.policy import SessionPolicy
 from app.core.session import Deadlines, Ending, SessionCore
 from app.errors import InvalidAudioError, MessageTooBigError, UpstreamClosedError, UpstreamError
@@ -74,6 +76,13 @@ class Pipe:
         run_tool: Callable[[str, str, str], Awaitable[str]] | None = None,
         tool_concurrency: int = 4,
         show_tool_calls: bool = False,
+        budget: Budget | None = None,
+        gate: ResponseGate | None = None,
+        pricing: Callable[[str], ModelPrice | None] = lambda model: None,
+        count_budget: Callable[[str], None] = lambda scope: None,
+        count_ignored: Callable[[str], None] = lambda path: None,
+        beta: bool = False,
+        on_spent: Callable[[float], None] = lambda usd: None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.ended: asyncio.Future[Ending] = self.loop.create_future()
@@ -87,8 +96,15 @@ class Pipe:
             event_ids=event_ids,
             count_error=lambda code: count_error("relay", code),
             show_tool_calls=show_tool_calls,
+            budget=budget,
+            gate=gate,
+            pricing=pricing,
+            count_budget=count_budget,
+            count_ignored=count_ignored,
+            beta=beta,
             log=log,
         )
+        self.spent = on_spent
         self._run_tool = run_tool
         self._tool_slots = asyncio.Semaphore(tool_concurrency)
         self._max_tool_calls = 4 * tool_concurrency

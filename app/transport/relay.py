@@ -29,12 +29,16 @@ from urllib.parse import parse_qs
 from app.audio.wire import AudioOptions, ClientAudio, audio_options
 from app.auth.credentials import Authenticator, CredentialKind, Identity, credential_from
 from app.auth.origin import check_origin
-from app.codes import Outcome, RejectionReason
+from app.codes import BudgetScope, Outcome, RejectionReason
 from app.config import Settings
+from app.core.beta import is_beta
+from app.core.budget import Budget, ResponseGate
 from app.core.policy import SessionPolicy
 from app.core.session import Deadlines, Ending
+from app.core.usage import Pricing
 from app.errors import (
     AdmissionError,
+    BudgetExhaustedError,
     CloseCode,
     ErrorCode,
     InvalidAudioError,
@@ -47,6 +51,7 @@ from app.errors import (
     event_for,
 )
 from app.limits.leases import Lease, Limiter, admit, heartbeat, session_caps
+from app.limits.spend import SpendStore, check_daily_budget
 from app.metrics import RelayMetrics
 from app.tools import Toolbox, ToolCall, ToolContext
 from app.transport.fast import DirectWebSocketProtocol, guard_uvicorn_protocol
@@ -72,6 +77,7 @@ _REJECTION_REASONS: Final[dict[str, RejectionReason]] = {
     ErrorCode.UNSUPPORTED_PROTOCOL: RejectionReason.PROTOCOL,
     ErrorCode.LIMITER_UNAVAILABLE: RejectionReason.LIMITER,
     ErrorCode.SERVER_SHUTTING_DOWN: RejectionReason.SHUTDOWN,
+    ErrorCode.BUDGET_EXHAUSTED: RejectionReason.BUDGET,
 }
 
 
@@ -83,12 +89,19 @@ class Relay:
     """Everything the sessions share: settings, upstream, policy inputs, limiter, metrics."""
 
     def __init__(
-        self, settings: Settings, metrics: RelayMetrics, limiter: Limiter, toolbox: Toolbox
+        self,
+        settings: Settings,
+        metrics: RelayMetrics,
+        limiter: Limiter,
+        toolbox: Toolbox,
+        spend: SpendStore,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.limiter = limiter
         self.toolbox = toolbox
+        self.spend = spend
+        self.pricing = Pricing(settings.prices, settings.price_aliases)
         self.upstream = Upstream(settings)
         self.auth = Authenticator(settings)
         self.draining = False
@@ -113,6 +126,8 @@ class Relay:
                 output_format=audio.output_format,
                 client_may_create=tier_settings.client_may_create,
                 server_tools=self.toolbox.definitions(tier_settings),
+                allowed_values=tier_settings.allowed_values,
+                ignore_locked=tier_settings.locked_fields == "ignore",
             )
         return policy
 
@@ -166,6 +181,7 @@ class RelaySession:
         self.leg: ClientLeg | None = None  # set once the upstream is open
         self.pipe: Pipe | None = None
         self.stopping = False  # a drain asked the session to end with 1012
+        self._spending: set[asyncio.Task[None]] = set()
         self._event_ids = itertools.count(1)
 
     async def run(self) -> None:
@@ -191,12 +207,28 @@ class RelaySession:
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
             model = self._model(identity, query)
             client = None if identity.kind is CredentialKind.ANONYMOUS else identity.client_id
+            try:
+                await check_daily_budget(
+                    relay.spend,
+                    settings.tiers[tier],
+                    client,
+                    fail_open=settings.limits_fail_open,
+                    log=self.log,
+                )
+            except BudgetExhaustedError:
+                relay.metrics.budget_exhausted(tier, BudgetScope.CLIENT_DAY)
+                raise
             caps = session_caps(settings, tier, client, model)
             lease = await admit(
                 relay.limiter, caps, fail_open=settings.limits_fail_open, log=self.log
             )
             await self._serve(identity, model, await self._audio(query), lease)
-        except (AdmissionError, LimiterUnavailableError, ShuttingDownError) as exc:
+        except (
+            AdmissionError,
+            BudgetExhaustedError,
+            LimiterUnavailableError,
+            ShuttingDownError,
+        ) as exc:
             relay.metrics.reject(tier, _REJECTION_REASONS.get(exc.code, RejectionReason.PROTOCOL))
             self.log.info("refused: %s", exc.code)
             await self._close(exc.close_code, exc)
@@ -273,6 +305,13 @@ class RelaySession:
             run_tool=self._tool_runner(identity),
             tool_concurrency=settings.tool_concurrency,
             show_tool_calls=tier.show_tool_calls,
+            budget=Budget(tier.max_tokens_per_session, tier.max_cost_usd_per_session),
+            gate=ResponseGate(tier.max_concurrent_responses, tier.max_responses_per_minute),
+            pricing=relay.pricing.price,
+            count_budget=lambda scope: relay.metrics.budget_exhausted(identity.tier, scope),
+            count_ignored=relay.metrics.field_ignored,
+            beta=is_beta(self.scope["headers"], self.scope.get("subprotocols") or []),
+            on_spent=self._spender(identity),
         )
         if self.stopping:
             pipe.core.drain()
@@ -287,6 +326,8 @@ class RelaySession:
                 renewing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewing
+            if self._spending:  # what the last responses cost still counts: not cancelled
+                await asyncio.wait(self._spending, timeout=settings.upstream.close_timeout_seconds)
             # Upstream first: a client that stopped reading must not hold the upstream socket.
             await upstream.close(CloseCode.NORMAL, settings.upstream.close_timeout_seconds)
             relay.metrics.upstream_closed(upstream.close_code)
@@ -309,6 +350,37 @@ class RelaySession:
             return await toolbox.run(ToolCall(call_id, name, arguments), context)
 
         return run
+
+    def _spender(self, identity: Identity) -> Callable[[float], None]:
+        """Records this session's spend for its client's day; past the tier's daily limit, the
+        session ends. Each record is a task the session awaits (bounded) before it closes."""
+        relay = self.relay
+        limit = relay.settings.tiers[identity.tier].max_cost_usd_per_client_per_day
+        client = identity.client_id if identity.kind is not CredentialKind.ANONYMOUS else None
+        if client is None:
+            return lambda usd: None
+
+        async def record(usd: float) -> None:
+            try:
+                total = await relay.spend.add(client, identity.tier, usd)
+            except Exception as exc:  # Redis down: the session's own budgets still hold
+                self.log.warning("spend not recorded: %s", type(exc).__name__)
+                return
+            pipe = self.pipe
+            if limit is not None and total >= limit and pipe is not None:
+                try:
+                    pipe.core.exhaust(
+                        BudgetScope.CLIENT_DAY, "this client has reached its daily spending limit"
+                    )
+                except Exception as exc:  # the upstream is gone, or a bug: `run` says which
+                    pipe.failed(exc)
+
+        def spent(usd: float) -> None:
+            task = asyncio.get_running_loop().create_task(record(usd))
+            self._spending.add(task)
+            task.add_done_callback(self._spending.discard)
+
+        return spent
 
     async def _renew(self, lease: Lease, pipe: Pipe) -> None:
         """Keep the session's lease alive; a renewal refused ends the session."""

@@ -50,7 +50,11 @@ function shortened(event) {
   return event;
 }
 
-const agent = new RealtimeAgent({ name: "Relay test agent", instructions: "Answer briefly." });
+const agent = new RealtimeAgent({
+  name: "Relay test agent",
+  instructions: "AGENT INSTRUCTIONS: answer briefly.",
+  voice: "cedar",
+});
 const session = new RealtimeSession(agent, {
   transport: "websocket",
   model: flags.model ?? "gpt-realtime-mini",
