@@ -245,6 +245,25 @@ class TierSettings(_Section):
             raise ValueError(f"unknown item kinds {unknown}; known: {sorted(ITEM_KINDS)}")
         return kinds
 
+    @field_validator("allowed_values")
+    @classmethod
+    def _value_rules(cls, rules: dict[str, Any]) -> dict[str, Any]:
+        for path, rule in rules.items():
+            if any(not part for part in path.split(".")):
+                raise ValueError(f"allowed_values: {path!r} is not a dotted path")
+            if isinstance(rule, list):
+                continue
+            bounds = rule.keys() if isinstance(rule, dict) else ()
+            numbers = isinstance(rule, dict) and all(
+                isinstance(rule[key], int | float) and not isinstance(rule[key], bool)
+                for key in bounds
+            )
+            if not (bounds and set(bounds) <= {"min", "max"} and numbers):
+                raise ValueError(
+                    f"allowed_values[{path!r}]: a list of values, or {{'min', 'max'}} numbers"
+                )
+        return rules
+
 
 class JwtSettings(_Section):
     """Client JWTs issued by an app's own login: HS256 with a secret, or RS256/ES256 with a key."""
@@ -465,6 +484,25 @@ class Settings(BaseSettings):
                     )
         if self.upstream.kind is UpstreamKind.AZURE and "api-version" in self.upstream.url:
             raise ValueError("RELAY_UPSTREAM__URL: the Azure GA endpoint takes no api-version")
+        return self
+
+    @model_validator(mode="after")
+    def _cost_limits_are_priced(self) -> Settings:
+        # A cost budget over an unpriced model would count $0 and never end anything.
+        priced = set(self.prices) | {alias for alias, name in self.price_aliases.items()
+                                     if name in self.prices}  # fmt: skip
+        for name, tier in self.tiers.items():
+            if (
+                tier.max_cost_usd_per_session is None
+                and tier.max_cost_usd_per_client_per_day is None
+            ):
+                continue
+            unpriced = [model for model in self.tier_models(name) if model not in priced]
+            if unpriced:
+                raise ValueError(
+                    f"RELAY_TIERS: tier {name!r} has a cost limit but no price for {unpriced} "
+                    "(RELAY_PRICES or RELAY_PRICE_ALIASES)"
+                )
         return self
 
     def tier_models(self, tier: str) -> list[str]:

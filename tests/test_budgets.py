@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import pytest
@@ -20,6 +21,8 @@ from tests.helpers import (
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+# The client identity of CLIENT_KEY, as the relay names key holders (auth/credentials.py).
+CLIENT_KEY_CLIENT = "key:" + hashlib.sha256(CLIENT_KEY.encode()).hexdigest()[:16]
 
 
 async def one_turn(ws, text: str) -> dict:
@@ -129,3 +132,24 @@ async def test_a_value_outside_the_allowed_list_never_reaches_upstream(
                 assert not [event for event in seen if event["type"] == "error"]
     sent = json.dumps(upstream.connections[0].events)
     assert "voice_custom" not in sent and "gpt-4o-transcribe" not in sent
+
+
+async def test_a_client_that_leaves_mid_response_still_pays_for_it(relay_factory, upstream):
+    """The response in flight is cancelled and what it cost is recorded for the client's day."""
+    tiers = {"default": {"max_cost_usd_per_client_per_day": 1000.0}}
+    relay = await relay_factory(settings_for(upstream, tiers=tiers))
+    async with connect(relay.ws_url, additional_headers=AUTH) as ws:
+        await recv_until(ws, "session.updated")
+        await ws.send(user_text("a long answer please " * 20))
+        await ws.send(json.dumps({"type": "response.create"}))
+        await recv_until(ws, "response.output_audio.delta")
+    spend = relay.relay.spend
+
+    async def recorded() -> bool:
+        return await spend.today(CLIENT_KEY_CLIENT) > 0
+
+    async with asyncio.timeout(WAIT):
+        while not await recorded():  # noqa: ASYNC110 - the store has nothing to wait on
+            await asyncio.sleep(0.05)
+    cancels = [e for e in upstream.connections[0].events if e["type"] == "response.cancel"]
+    assert len(cancels) == 1

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
-from app.config import ConfigError, load_settings
+from app.config import ConfigError, Settings, load_settings
 
 
 @pytest.fixture
@@ -105,3 +106,22 @@ def test_the_server_refuses_to_start_without_a_key():
     )
     assert done.returncode != 0
     assert "OPENAI_API_KEY" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "rule", ["alloy", {"min": "5"}, {"least": 1}, {}], ids=["string", "text-bound", "key", "empty"]
+)
+def test_allowed_values_rules_are_checked_at_start_up(rule):
+    """A rule that is neither a list nor numeric bounds stops the relay, naming the field."""
+    tiers = {"default": {"allowed_values": {"audio.output.voice": rule}}}
+    with pytest.raises(ValidationError, match="allowed_values"):
+        Settings(openai_api_key="x", tiers=tiers)
+
+
+def test_a_cost_limit_needs_a_price_for_each_model():
+    """A cost budget over a model with no price would count $0: refused at start-up."""
+    tiers = {"default": {"models": ["gpt-realtime-2"], "max_cost_usd_per_session": 1.0}}
+    with pytest.raises(ValidationError, match="no price"):
+        Settings(openai_api_key="x", tiers=tiers)
+    priced = {"gpt-realtime-2": "gpt-realtime"}
+    assert Settings(openai_api_key="x", tiers=tiers, price_aliases=priced)

@@ -643,3 +643,17 @@ def test_responses_per_minute_hold():
         ("reply", "rate_limited"),
         ("upstream", None),
     ]
+
+
+def test_what_responses_in_flight_cost_still_counts_after_the_end():
+    """A client that leaves mid-response: the response is cancelled, its usage is counted."""
+    core, port, _, _ = spend_session()
+    up(core, {"type": "response.created", "response": {"id": "resp_1"}})
+    port.take()
+    core.client_closed()
+    assert ("upstream", {"type": "response.cancel", "response_id": "resp_1"}) in port.take()
+    assert core.settling
+    up(core, {"type": "response.output_audio.delta", "delta": "AAAA"})
+    up(core, done_with(1_000_000))  # $4 at the test's price
+    assert port.take() == [("spent", 4.0)]  # counted, not shown
+    assert not core.settling

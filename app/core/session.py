@@ -192,6 +192,9 @@ class SessionCore:
         self._price = pricing(policy.model)
         self._transcription_model: str | None = None
         self._unspent: tuple[int, float] | None = None
+        self._cancelled: set[str] = set()
+        # Ended with responses in flight: their response.done still counts (`_settle`).
+        self.settling = False
         # The relay's own response.create: its event id, and whether it is still unanswered
         # (no response.created since). Tool events carry a prefix the client cannot know.
         self._follow_up: str | None = None
@@ -395,6 +398,8 @@ class SessionCore:
         """An upstream text frame: shown to the client (redacted where the policy says)."""
         phase = self.phase
         if phase is Phase.ENDED:
+            if self.settling:
+                self._settle(text)
             return
         try:
             event_type, event, text = self.policy.upstream_event(text)
@@ -500,10 +505,7 @@ class SessionCore:
         if self.phase is Phase.ENDED:
             return
         self._count_budget(scope)
-        for response_id in sorted(self.responses):
-            event = {"type": "response.cancel", "response_id": response_id}
-            self.out.to_upstream(json.dumps(event, separators=(",", ":")))
-        self.fail(BudgetExhaustedError(message))
+        self.fail(BudgetExhaustedError(message))  # cancels the responses in flight
 
     def _output_item_added(self, event: dict[str, Any], text: str) -> str | None:
         return text if self.tools.item_added(event) else None
@@ -629,7 +631,37 @@ class SessionCore:
         self.phase = Phase.ENDED
         self.ending = ending
         self.out.schedule(None)
+        if self.responses and ending.outcome not in _UPSTREAM_GONE:
+            # What the responses in flight cost is billed: cancel them, and count the usage of
+            # their response.done (`settling`) before the upstream closes.
+            self.settling = True
+            for response_id in sorted(self.responses - self._cancelled):
+                self._cancel(response_id)
         self.out.end(ending)
+
+    def _cancel(self, response_id: str) -> None:
+        self._cancelled.add(response_id)
+        event = {"type": "response.cancel", "response_id": response_id}
+        self.out.to_upstream(json.dumps(event, separators=(",", ":")))
+
+    def _settle(self, text: str) -> None:
+        """After the end: count the usage of the responses that were in flight (not shown)."""
+        try:
+            event_type, event, _ = self.policy.upstream_event(text)
+        except UpstreamError:
+            return
+        if event_type != "response.done" or event is None:
+            return
+        response = event.get("response")
+        response_id = _response_id(event)
+        if response_id is not None:
+            self.responses.discard(response_id)
+        if isinstance(response, dict) and response.get("usage") is not None:
+            _, cost_usd = usage_totals(response["usage"], self._price)
+            if cost_usd > 0:
+                self.out.spent(cost_usd)
+        if not self.responses:
+            self.settling = False
 
     def error_text(self, error: RelayError) -> str:
         """The `error` event telling this client about `error`, counted as sent."""
@@ -648,6 +680,8 @@ _ITEM_ID_EVENTS: Final = frozenset(
 )
 # Client events are typed from their first bytes, as the upstream's are (policy.py).
 _TYPE_PREFIX: Final = re.compile(r'\{\s*"type"\s*:\s*"([^"\\]+)"')
+# Endings after which nothing more comes from the upstream.
+_UPSTREAM_GONE: Final = frozenset({Outcome.UPSTREAM_ERROR, Outcome.COMPLETED})
 _ITEM_EVENTS: Final = frozenset({"conversation.item.create", "response.create", *_ITEM_ID_EVENTS})
 
 _Tracker = Callable[[dict[str, Any], str], str | None]

@@ -21,6 +21,7 @@ carries out at once, synchronously, with no task per message. It owns what is ab
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -123,6 +124,7 @@ class Pipe:
         self._timer: asyncio.TimerHandle | None = None
         self._client_write_paused = False
         self._bad_delta_logged = False
+        self._settled: asyncio.Event | None = None
 
     async def run(self) -> Ending:
         self.core.start(time.perf_counter())
@@ -269,6 +271,10 @@ class Pipe:
     # -- upstream -> client (legs.UpstreamSink)
 
     def upstream_text(self, data: bytes) -> None:
+        if self.ended.done():  # the core only counts what the responses in flight cost
+            if self.core.settling:
+                self._settling_text(data)
+            return
         if self._frames is not None:  # behind the audio frames of an earlier delta
             self._backlog.append(data)
             self._sync_upstream_reading()
@@ -284,10 +290,32 @@ class Pipe:
         except Exception as exc:
             self.failed(exc)
 
+    def _settling_text(self, data: bytes) -> None:
+        try:
+            self.core.upstream_text(data.decode(errors="replace"), time.perf_counter())
+        except Exception as exc:  # the session has ended: nothing left to fail
+            self.log.warning("after the end: %s", type(exc).__name__)
+        if not self.core.settling and self._settled is not None:
+            self._settled.set()
+
+    async def settle(self, within: float) -> None:
+        """After the end, wait (at most `within`) for the responses that were in flight to
+        report their usage: what they cost is billed, so it counts."""
+        if not self.core.settling:
+            return
+        self._settled = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._settled.wait()
+
     def upstream_binary(self, data: bytes) -> None:
         self.log.warning("dropped a binary frame from the upstream")
 
     def upstream_closed(self) -> None:
+        if self.ended.done():
+            if self._settled is not None:
+                self._settled.set()  # nothing more comes
+            return
         if self._frames is not None:  # the audio before it goes out first
             self._backlog.append(None)
             return

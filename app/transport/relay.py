@@ -326,6 +326,7 @@ class RelaySession:
                 renewing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewing
+            await pipe.settle(settings.upstream.close_timeout_seconds)
             if self._spending:  # what the last responses cost still counts: not cancelled
                 await asyncio.wait(self._spending, timeout=settings.upstream.close_timeout_seconds)
             # Upstream first: a client that stopped reading must not hold the upstream socket.
