@@ -2,8 +2,8 @@
 
 Everything works on `bytes` in one of the three GA formats (REALTIME.md §11): `audio/pcm` (16-bit
 little-endian, 24 kHz, mono), `audio/pcmu` and `audio/pcma` (G.711, 8 kHz). The code is pure Python
-on purpose: the fake upstream must not depend on the relay's own codecs (`app/audio/codecs.py`), which it
-is used to test. Quality is "good enough for a test double", not for listening.
+on purpose: the fake upstream must not depend on the relay's own codecs (`app/audio/codecs.py`),
+which it is used to test. Quality is "good enough for a test double", not for listening.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 The relay's hot path is one event in, one event out. Run as two pump tasks, it paid a task
 wake-up per message on each side, and uvicorn's ASGI receive path paused and resumed reading the
 client socket around every message; that machinery was most of the relay's CPU per event
-(docs/design.md, "Why the fast path exists"). So each leg hands every complete message to a sink (the
-session's pipe) from its socket's callbacks, and the sink writes to the other leg at once,
+(docs/design.md, "Why the fast path exists"). So each leg hands every complete message to a sink
+(the session's pipe) from its socket's callbacks, and the sink writes to the other leg at once,
 synchronously. Flow control is a proxy's (nginx's): when one side's write buffer is over its
 high-water mark, the other side stops being read until it drains. (STYLE.md asks for
 backpressure by awaiting `send()`; a callback cannot await, and pausing the reader is the same
