@@ -77,7 +77,9 @@ async def _serve(demo: bool) -> None:
     overrides: dict[str, object] = {}
     local = None
     if demo and not os.environ.get("OPENAI_API_KEY"):
-        local = _local_upstream_class()(realtime_pacing=True)
+        # ICE on the machine's own addresses (aioice's choice): a browser reaches those, while
+        # loopback candidates need a Chromium flag (the tests' upstreams use 127.0.0.1).
+        local = _local_upstream_class()(realtime_pacing=True, ice_addresses=None)
         await local.__aenter__()
         overrides = {
             "openai_api_key": "demo-no-key",

@@ -24,7 +24,15 @@ class Outcome(StrEnum):
     IDLE = "idle"  # idle_timeout_seconds
     REFUSED = "refused"
     SHUTDOWN = "shutdown"  # closed by a drain
+    FIELD_LOCKED = "field_locked"  # a WebRTC call kept changing fields its tier locks
     ERROR = "error"  # anything else (a relay bug, logged with its traceback)
+
+
+class Transport(StrEnum):
+    """How a client reaches the session: the `transport` label of the session metrics."""
+
+    WEBSOCKET = "websocket"  # /ws: every event through the relay
+    WEBRTC = "webrtc"  # /v1/realtime/calls: the relay holds the call's sideband only
 
 
 class RejectionReason(StrEnum):

@@ -236,6 +236,14 @@ class TierSettings(_Section):
     locked_fields: Literal["ignore", "refuse"] = "ignore"
     # Item kinds a client may create (ITEM_KINDS).
     client_may_create: list[str] = list(DEFAULT_CLIENT_MAY_CREATE)
+    # Transcription-only sessions (`/ws?intent=transcription`: live captions), transcribed by
+    # RELAY_SESSION__TRANSCRIPTION's model; what a client may change is `client_may_set`'s
+    # transcription paths.
+    transcription_sessions: bool = True
+    # WebRTC calls (`POST /v1/realtime/calls`): the relay holds the call's sideband, so a client
+    # can change locked fields over its data channel until the relay puts them back; false keeps
+    # the tier on the WebSocket path, where nothing passes unjudged.
+    webrtc: bool = True
 
     @field_validator("client_may_create")
     @classmethod

@@ -20,6 +20,7 @@ and a message that is safe to show (no keys, no other tenants' data)::
     │   └── SessionLimitError       session_limit_reached
     ├── LimiterUnavailableError     limiter_unavailable (close 1013: retrying may help)
     ├── BudgetExhaustedError        budget_exhausted (close 1008); budget_warning at 80 %
+    ├── LockedFieldsChangedError    field_locked: a WebRTC call kept changing them (hung up)
     ├── SessionEndedError           session_expired / session_idle (close 1000)
     ├── ClientTimeoutError          client_timeout: keepalive pings unanswered (close 1011)
     ├── MessageTooBigError          message_too_big (close 1009)
@@ -39,7 +40,7 @@ they are raised.
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 
 class CloseCode(IntEnum):
@@ -220,6 +221,10 @@ class ModelNotAllowedError(AdmissionError):
     code = ErrorCode.MODEL_NOT_ALLOWED
 
 
+# A tier without transcription sessions, or a relay without a transcription model.
+TRANSCRIPTION_NOT_ALLOWED: Final = "transcription sessions are not available to this client"
+
+
 class UnsupportedClientError(AdmissionError):
     code = ErrorCode.UNSUPPORTED_PROTOCOL
 
@@ -246,6 +251,15 @@ class BudgetExhaustedError(RelayError):
     day); as a warning at 80 % its code is `budget_warning`."""
 
     code = ErrorCode.BUDGET_EXHAUSTED
+    close_code = CloseCode.POLICY
+    error_type = "invalid_request_error"
+
+
+class LockedFieldsChangedError(RelayError):
+    """A WebRTC client kept changing, over its data channel, fields its tier locks: the relay
+    hangs the call up (it put them back before; `core.watch`)."""
+
+    code = ErrorCode.FIELD_LOCKED
     close_code = CloseCode.POLICY
     error_type = "invalid_request_error"
 

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.admin import admin_router
+from app.api.calls import calls_router
 from app.api.client_secrets import client_secrets_router
 from app.api.demo import demo_router
 from app.audio.wire import OUTPUT_CODECS
@@ -50,7 +51,8 @@ VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
 
 def session_options(settings: Settings, tier: str) -> dict[str, Any]:
     """The body of `GET /v1/relay/options`: a tier's choices, for clients such as the page."""
-    may_set = settings.tiers[tier].client_may_set
+    tier_settings = settings.tiers[tier]
+    may_set = tier_settings.client_may_set
     session = settings.session
     return {
         "tier": tier,
@@ -62,6 +64,10 @@ def session_options(settings: Settings, tier: str) -> dict[str, Any]:
         "demo": settings.upstream.demo,
         "input_codecs": ["pcm16", "opus", "g711_ulaw", "g711_alaw"],
         "output_codecs": list(OUTPUT_CODECS),
+        # Transcription-only sessions (`/ws?intent=transcription`), for live captions.
+        "transcription": tier_settings.transcription_sessions and session.transcription is not None,
+        # How the tier's clients may connect: `/ws`, and WebRTC calls (`/v1/realtime/calls`).
+        "transports": ["websocket", "webrtc"] if tier_settings.webrtc else ["websocket"],
     }
 
 
@@ -109,9 +115,11 @@ def create_app(settings: Settings | None = None) -> RelayApp:
         try:
             yield {"relay": relay}
         finally:
+            await relay.end_calls()  # before the clients they use are closed
             await toolbox.aclose()
             await spend.aclose()
             await relay.limiter.aclose()
+            await relay.upstream.aclose()
 
     app = FastAPI(title="realtime-relay", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.relay = relay
@@ -140,6 +148,7 @@ def create_app(settings: Settings | None = None) -> RelayApp:
         return JSONResponse({"status": "ready"})
 
     app.include_router(client_secrets_router(relay.auth, settings))
+    app.include_router(calls_router(relay))
     app.include_router(admin_router(settings, spend))
     if settings.upstream.demo:  # the demo's get_time tool (app/api/demo.py)
         app.include_router(demo_router())

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from app.audio.codecs import InputCodec, OutputCodec, UpstreamFormat
 from app.audio.wire import ClientAudio
-from app.codes import BudgetScope, Outcome, RejectionReason, ToolOutcome
+from app.codes import BudgetScope, Outcome, RejectionReason, ToolOutcome, Transport
 from app.config import ModelPrice, Settings
 from app.core.usage import ALL_KINDS, Pricing, split_usage, usage_cost, usage_seconds
 from app.errors import CloseCode, ErrorCode, UpstreamErrorCode
@@ -56,18 +56,19 @@ class AudioDirection(StrEnum):
 OUTCOMES: Final = frozenset(outcome.value for outcome in Outcome)
 REJECTION_REASONS: Final = frozenset(reason.value for reason in RejectionReason)
 # The fields a client most often sends that tiers lock: a bounded label set, others are `other`.
-IGNORABLE_FIELDS: Final = frozenset(
-    f"{event}.{path}"
-    for event in ("session", "response")
-    for path in (
-        "type", "model", "instructions", "tools", "tool_choice", "tracing", "prompt",
-        "truncation", "include", "max_output_tokens", "output_modalities", "audio",
-        "audio.input.format", "audio.output.format", "audio.output.voice", "audio.output.speed",
-        "audio.input.transcription", "audio.input.transcription.model",
-        "audio.input.turn_detection", "audio.input.turn_detection.idle_timeout_ms",
-        "audio.input.noise_reduction", "conversation", "metadata",
-    )
+_LOCKED_PATHS: Final = (
+    "type", "model", "instructions", "tools", "tool_choice", "tracing", "prompt",
+    "truncation", "include", "max_output_tokens", "output_modalities", "audio",
+    "audio.input.format", "audio.output.format", "audio.output.voice", "audio.output.speed",
+    "audio.input.transcription", "audio.input.transcription.model",
+    "audio.input.turn_detection", "audio.input.turn_detection.idle_timeout_ms",
+    "audio.input.noise_reduction", "conversation", "metadata",
 )  # fmt: skip
+IGNORABLE_FIELDS: Final = frozenset(
+    f"{event}.{path}" for event in ("session", "response") for path in _LOCKED_PATHS
+)
+# What a WebRTC client changes and the relay puts back: session paths (`core.watch`).
+RESTORABLE_FIELDS: Final = frozenset(_LOCKED_PATHS)
 TOOL_OUTCOMES: Final = frozenset(outcome.value for outcome in ToolOutcome)
 BUDGET_SCOPES: Final = frozenset(scope.value for scope in BudgetScope)
 # The `name` label of the upstream's rate limits (`rate_limits.updated`, REALTIME.md §4.6).
@@ -190,15 +191,16 @@ class RelayMetrics:
         ns, reg = NAMESPACE, self.registry
 
         self.sessions_active = Gauge(
-            "sessions_active", "Sessions open now.", ["tier", "model"], namespace=ns, registry=reg
-        )
+            "sessions_active", "Sessions open now.", ["tier", "model", "transport"],
+            namespace=ns, registry=reg,
+        )  # fmt: skip
         self.sessions = Counter(
-            "sessions", "Sessions ended, by outcome.", ["tier", "model", "outcome"],
+            "sessions", "Sessions ended, by outcome.", ["tier", "model", "outcome", "transport"],
             namespace=ns, registry=reg,
         )  # fmt: skip
         self.rejections = Counter(
-            "session_rejections", "Sessions refused before they started.", ["tier", "reason"],
-            namespace=ns, registry=reg,
+            "session_rejections", "Sessions refused before they started.",
+            ["tier", "reason", "transport"], namespace=ns, registry=reg,
         )  # fmt: skip
         self.tokens = Counter(
             "tokens", "Tokens reported by the upstream's usage, by direction and kind.",
@@ -228,8 +230,9 @@ class RelayMetrics:
         )  # fmt: skip
         self.turn_latency = Histogram(
             "turn_latency_seconds",
-            "End of user speech (speech_stopped or commit) to the first response audio sent.",
-            ["tier", "model"], buckets=TURN_BUCKETS, namespace=ns, registry=reg,
+            "End of user speech (speech_stopped or commit) to the first response audio sent "
+            "(WebRTC: to the upstream's output_audio_buffer.started, seen on the sideband).",
+            ["tier", "model", "transport"], buckets=TURN_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
         self.first_audio = Histogram(
             "first_audio_seconds", "A client response.create to the first response audio sent.",
@@ -245,7 +248,7 @@ class RelayMetrics:
         )  # fmt: skip
         self.session_duration = Histogram(
             "session_duration_seconds", "Length of sessions that reached the upstream.",
-            buckets=DURATION_BUCKETS, namespace=ns, registry=reg,
+            ["transport"], buckets=DURATION_BUCKETS, namespace=ns, registry=reg,
         )  # fmt: skip
         self.errors = Counter(
             "errors", "Error events sent to clients, by source and code.", ["source", "code"],
@@ -261,6 +264,11 @@ class RelayMetrics:
         )  # fmt: skip
         self.fields_ignored = Counter(
             "fields_ignored", "Fields removed from client events: the tier locks them.",
+            ["field"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.fields_restored = Counter(
+            "fields_restored",
+            "Locked fields a WebRTC client changed over its data channel, put back by the relay.",
             ["field"], namespace=ns, registry=reg,
         )  # fmt: skip
         self.tool_calls = Counter(
@@ -286,11 +294,14 @@ class RelayMetrics:
     def _create_series(self) -> None:
         for tier in self.tiers:
             for reason in REJECTION_REASONS:
-                self.rejections.labels(tier, reason)
+                for transport in Transport:
+                    self.rejections.labels(tier, reason, transport)
             for scope in BUDGET_SCOPES:
                 self.budgets_exhausted.labels(tier, scope)
         for direction in DIRECTIONS:
             self.added_latency.labels(direction)
+        for transport in Transport:
+            self.session_duration.labels(transport)
         self.known_tools(())
 
     def tier_label(self, tier: str) -> str:
@@ -299,9 +310,10 @@ class RelayMetrics:
     def model_label(self, model: str) -> str:
         return _known(model, self.models)
 
-    def reject(self, tier: str, reason: str) -> None:
+    def reject(self, tier: str, reason: str, transport: Transport = Transport.WEBSOCKET) -> None:
         """Count a session refused before it reached the upstream."""
-        self.rejections.labels(self.tier_label(tier), _known(reason, REJECTION_REASONS)).inc()
+        reason = _known(reason, REJECTION_REASONS)
+        self.rejections.labels(self.tier_label(tier), reason, transport).inc()
 
     def error(self, source: str, code: str) -> None:
         """Count an `error` event sent to a client; `source` is `relay` or `upstream`."""
@@ -314,6 +326,10 @@ class RelayMetrics:
     def field_ignored(self, path: str) -> None:
         """Count a field removed from a client event (`path` like `session.instructions`)."""
         self.fields_ignored.labels(_known(path, IGNORABLE_FIELDS)).inc()
+
+    def field_restored(self, path: str) -> None:
+        """Count a field a WebRTC client changed and the relay put back (`instructions`...)."""
+        self.fields_restored.labels(_known(path, RESTORABLE_FIELDS)).inc()
 
     def known_tools(self, names: Iterable[str]) -> None:
         """Give the server tools (those MCP servers listed included) series of their own."""
@@ -375,10 +391,15 @@ class RelayMetrics:
         )  # fmt: skip
 
     def session(
-        self, tier: str, model: str, bytes_per_second: tuple[int, int], audio: ClientAudio
+        self,
+        tier: str,
+        model: str,
+        bytes_per_second: tuple[int, int],
+        audio: ClientAudio,
+        transport: Transport = Transport.WEBSOCKET,
     ) -> SessionMeter:
         """A meter for a new session; `bytes_per_second` of the upstream input and output audio."""
-        return SessionMeter(self, tier, model, bytes_per_second, audio)
+        return SessionMeter(self, tier, model, bytes_per_second, audio, transport)
 
 
 class ModelUsage:
@@ -433,7 +454,7 @@ class SessionMeter:
         "_speech_end", "_response_requested", "_input_bytes_per_second", "_usage",
         "_model_name", "_started", "_output_bytes_per_second",
         "_transcription_model", "_decoder", "_decode", "_encode", "_decoder_rate",
-        "_audio_in_key", "_binary_in_key", "_audio_out_key",
+        "_audio_in_key", "_binary_in_key", "_audio_out_key", "transport",
         "_n_in", "_bytes_in_tally", "_audio_in_tally", "_samples_in", "_n_out",
         "_bytes_out_tally", "_audio_out_tally",
     )  # fmt: skip
@@ -445,8 +466,10 @@ class SessionMeter:
         model: str,
         bytes_per_second: tuple[int, int],
         audio: ClientAudio,
+        transport: Transport = Transport.WEBSOCKET,
     ) -> None:
         self._metrics = metrics
+        self.transport = transport
         # `tier` and `model` as labels; the model's own name for the unpriced-model log.
         self.tier, self.model = metrics.tier_label(tier), metrics.model_label(model)
         self._model_name = model
@@ -466,7 +489,7 @@ class SessionMeter:
         self._decoder_rate = 24_000 if options.input_format["type"] == "audio/pcm" else 8_000
         self._decode = metrics.transcode.labels("decode_" + options.input_codec)
         self._encode = metrics.transcode.labels("encode_" + options.output_codec)
-        self._turn = metrics.turn_latency.labels(tier, model)
+        self._turn = metrics.turn_latency.labels(tier, model, transport)
         self._first_audio = metrics.first_audio.labels(tier, model)
         self._input_bytes_per_second, self._output_bytes_per_second = bytes_per_second
         self._transcription_model = OTHER
@@ -478,7 +501,7 @@ class SessionMeter:
         # `TrafficCollector` reads them at each scrape and folds them into its totals at `close`.
         self._n_in = self._bytes_in_tally = self._audio_in_tally = self._samples_in = 0
         self._n_out = self._bytes_out_tally = self._audio_out_tally = 0
-        metrics.sessions_active.labels(tier, model).inc()
+        metrics.sessions_active.labels(tier, model, transport).inc()
         metrics.traffic.open(self)
 
     def client_event(self, event_type: str, event: dict[str, Any], size: int, start: float) -> None:
@@ -526,6 +549,10 @@ class SessionMeter:
             self._speech_end = start
         elif event is not None:
             self._parsed_event(event_type, event)
+        elif event_type == "output_audio_buffer.started":  # WebRTC: its audio is RTP
+            if self._speech_end is not None:
+                self._turn.observe(now - self._speech_end)
+                self._speech_end = None
         self._latency_out.observe(now - start)
 
     def _parsed_event(self, event_type: str, event: dict[str, Any]) -> None:
@@ -544,6 +571,12 @@ class SessionMeter:
             error = event.get("error")
             code = error.get("code") if isinstance(error, dict) else None
             self._metrics.error("upstream", code if isinstance(code, str) else OTHER)
+
+    def note_session(self, session: dict[str, Any]) -> None:
+        """The session in place without a `session.created` (a WebRTC call's, as created)."""
+        self._transcription_model = (
+            _transcription_model({"session": session}) or self._transcription_model
+        )
 
     def count_transcription(self, usage: Any) -> None:
         """Transcription usage (tokens or duration) runs on its own model, counted under it."""
@@ -576,9 +609,10 @@ class SessionMeter:
         metrics = self._metrics
         if not metrics.traffic.close(self):
             return
-        metrics.sessions_active.labels(self.tier, self.model).dec()
-        metrics.sessions.labels(self.tier, self.model, _known(outcome, OUTCOMES)).inc()
-        metrics.session_duration.observe(time.monotonic() - self._started)
+        transport = self.transport
+        metrics.sessions_active.labels(self.tier, self.model, transport).dec()
+        metrics.sessions.labels(self.tier, self.model, _known(outcome, OUTCOMES), transport).inc()
+        metrics.session_duration.labels(transport).observe(time.monotonic() - self._started)
 
 
 def _transcription_model(event: dict[str, Any]) -> str | None:

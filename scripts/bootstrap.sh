@@ -64,7 +64,7 @@ if [ "$mode" = test ]; then
   done
 fi
 
-extras=""
+extras="[demo]"  # the local upstream's speech recognizer, for the no-key demo
 [ "$mode" = test ] && extras="[dev]"
 digest=$(sha256sum pyproject.toml | cut -c1-16)
 stamp="$venv/.installed-$digest$extras"

@@ -81,3 +81,19 @@ def speech_wav(path: Path, text: str = TEXT) -> tuple[np.ndarray, int]:
 
 def resample(pcm: np.ndarray, source_rate: int, rate: int) -> np.ndarray:
     return soxr.resample(pcm, source_rate, rate, quality="VHQ")
+
+
+# A voice and pace the local upstream's recognizer (PocketSphinx) hears right: "hello world" in
+# espeak-ng's default voice reads as "let oil".
+RECOGNIZABLE_VOICE = ("-v", "en-us+m3", "-s", "150")
+
+
+def spoken_pcm(path: Path, text: str) -> bytes:
+    """PCM16 24 kHz mono: 0.3 s of silence, `text` spoken in `RECOGNIZABLE_VOICE`, 1 s of
+    silence (the end of a turn for server VAD). `path` receives espeak-ng's WAV."""
+    command = ["espeak-ng", *RECOGNIZABLE_VOICE, "-w", str(path), text]
+    subprocess.run(command, check=True, timeout=60)
+    with wave.open(str(path)) as w:
+        samples, rate = np.frombuffer(w.readframes(w.getnframes()), "<i2"), w.getframerate()
+    speech = resample(samples, rate, 24000).astype("<i2").tobytes()
+    return bytes(24 * 2 * 300) + speech + bytes(24 * 2 * 1000)

@@ -18,7 +18,15 @@ from app.config import Settings
 from app.local_upstream import LocalUpstream
 from app.main import create_app, server_config
 from tests.audio_tools import resample, speech_wav
-from tests.helpers import START_TIMEOUT, UPSTREAM_KEY, RelayProcess, RelayServer, relay_settings
+from tests.helpers import (
+    START_TIMEOUT,
+    UPSTREAM_KEY,
+    WAIT,
+    RelayProcess,
+    RelayServer,
+    ToolServer,
+    relay_settings,
+)
 from tests.redis_server import RedisServer
 
 
@@ -170,3 +178,21 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], np.ndarr
         return cache[rate]
 
     return at
+
+
+@pytest.fixture
+async def tool_server() -> AsyncIterator[ToolServer]:
+    """A `ToolServer` under uvicorn on a free loopback port, stopped after the test."""
+    server = ToolServer()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server.url = f"http://127.0.0.1:{sock.getsockname()[1]}/tool"
+    config = uvicorn.Config(server.app(), log_level="warning", lifespan="off")
+    running = uvicorn.Server(config)
+    task = asyncio.create_task(running.serve(sockets=[sock]))
+    async with asyncio.timeout(WAIT):
+        while not running.started:  # noqa: ASYNC110 - uvicorn sets a flag, no event
+            await asyncio.sleep(0.01)
+    yield server
+    running.should_exit = True
+    await task

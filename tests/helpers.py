@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import jwt
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -329,3 +331,48 @@ async def run_node_driver(command: list[str], within: float, env: dict[str, str]
     output = stdout.decode(errors="replace").strip()
     assert process.returncode == 0, f"{command[-1]} exited {process.returncode}\n{errors}{output}"
     return json.loads(output.splitlines()[-1])
+
+
+# A server tool for the tests: get_time over HTTP, on loopback.
+
+TOOL_SECRET = "Bearer tool-secret-7f3a"
+GET_TIME = {
+    "name": "get_time",
+    "description": "The time now in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "description": "the city"}},
+        "required": ["city"],
+    },
+}
+
+
+class ToolServer:
+    """An HTTP tool endpoint on loopback that records each call and answers as told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, str], Any]] = []
+        self.status = 200
+        self.body: Any = {"time": "10:42", "timezone": "Europe/Paris"}
+        self.delay = 0.0
+        self.url = ""
+
+    def app(self) -> FastAPI:
+        api = FastAPI()
+
+        @api.post("/tool")
+        async def tool(request: Request) -> Response:
+            self.calls.append((dict(request.headers), await request.json()))
+            await asyncio.sleep(self.delay)
+            if isinstance(self.body, str):
+                return Response(self.body, status_code=self.status, media_type="text/plain")
+            return JSONResponse(self.body, status_code=self.status)
+
+        return api
+
+
+def http_tool(server: ToolServer, **http: Any) -> dict[str, Any]:
+    return {
+        **GET_TIME,
+        "http": {"url": server.url, "headers": {"Authorization": TOOL_SECRET}, **http},
+    }

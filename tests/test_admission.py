@@ -249,7 +249,12 @@ async def test_relay_ends_idle_and_overlong_sessions(relay_factory, upstream, ti
         assert seen[-1]["type"] == "error" and seen[-1]["error"]["code"] == code
         assert ws.close_code == 1000
     outcome = "idle" if code == "session_idle" else "expired"
-    labels = {"tier": "default", "model": "gpt-realtime-mini", "outcome": outcome}
+    labels = {
+        "tier": "default",
+        "model": "gpt-realtime-mini",
+        "outcome": outcome,
+        "transport": "websocket",
+    }
     assert relay.metric("realtime_relay_sessions_total", labels) == 1
 
 

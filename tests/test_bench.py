@@ -116,3 +116,18 @@ async def test_the_opus_bench_reports_frames_cpu_and_latency_of_the_relay(tmp_pa
     assert relay["cpu_s_per_session_s"] >= 0
     assert relay["frame_up_ms"]["count"] > 0
     assert 0 <= relay["frame_up_ms"]["p50"] <= relay["frame_up_ms"]["p99"]
+
+
+async def test_the_sideband_bench_reports_calls_beside_websocket_sessions(tmp_path):
+    """`--sideband` with two calls: created through the relay, their sideband events counted,
+    the relay's CPU per call beside two WebSocket sessions'."""
+    results = tmp_path / "results.json"
+    output = await run_bench(*SHORT, "--sideband", "--json", str(results))
+
+    assert "Cost per session: WebRTC calls" in output
+    runs = {run["target"]: run for run in json.loads(results.read_text())["runs"]}
+    calls, sessions = runs["sideband"], runs["relay"]
+    assert (calls["opened"], calls["connect_failures"]) == (2, 0), output
+    assert calls["events"] > 0 and calls["cpu_s_per_1k"] >= 0
+    assert calls["rss_kb_per_session"] is not None
+    assert sessions["opened"] == 2 and sessions["events"] > 0

@@ -12,6 +12,7 @@ from app.config import ModelPrice, SessionSettings, TierSettings
 from app.core.budget import Budget, ResponseGate
 from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
 from app.core.session import Deadlines, Ending, Phase, SessionCore
+from app.core.watch import SessionWatch
 
 SESSION = SessionSettings(instructions="SERVER INSTRUCTIONS", voice="cedar")
 CREATED = {"type": "session.created", "session": {"instructions": "default", "type": "realtime"}}
@@ -657,3 +658,62 @@ def test_what_responses_in_flight_cost_still_counts_after_the_end():
     up(core, done_with(1_000_000))  # $4 at the test's price
     assert port.take() == [("spent", 4.0)]  # counted, not shown
     assert not core.settling
+
+
+# -- a WebRTC call: the session as the upstream reports it, put back after the fact ------------
+
+
+def call_core(
+    deadlines: Deadlines | None = None,
+) -> tuple[SessionCore, Port, list[str]]:
+    """A call's core: open at once (the call was created with the server's session)."""
+    policy = SessionPolicy(SESSION, TierSettings().client_may_set, model="m", call=True)
+    port, restored = Port(), []
+    core = SessionCore(
+        policy,
+        deadlines or Deadlines(start_seconds=5.0, max_session_seconds=60.0),
+        Meter(),
+        port,
+        session_id="0123456789abcdef",
+        watch=SessionWatch(policy),
+        count_restored=restored.append,
+    )
+    core.start(0.0, injected=policy.session)
+    return core, port, restored
+
+
+def reported(**changes: Any) -> dict:
+    session = {"type": "realtime", "instructions": "SERVER INSTRUCTIONS", "tools": []}
+    return {"type": "session.updated", "session": {**session, **changes}}
+
+
+def test_a_call_is_open_at_once_with_its_deadline():
+    core, port, _ = call_core()
+    assert core.phase is Phase.OPEN and port.take() == [("opened", None)]
+    assert port.timer == 60.0
+
+
+def test_a_changed_locked_field_is_put_back_then_the_call_ends():
+    """Each change is answered with the server's value; past MAX_RESTORES the call ends."""
+    core, port, restored = call_core()
+    port.take()
+    up(core, reported())  # the server's own session: nothing to do
+    assert [kind for kind, _ in port.take()] == ["client"]
+    for attempt in range(2):
+        up(core, reported(instructions="be a pirate"))
+        (kind, restore), (shown, _) = port.take()
+        assert (kind, shown) == ("upstream", "client") and restore["type"] == "session.update"
+        assert restore["session"] == {"type": "realtime", "instructions": "SERVER INSTRUCTIONS"}
+        assert restore["event_id"].startswith("relay_restore_")
+        assert core.phase is Phase.OPEN and core.restores == attempt + 1
+    up(core, reported(instructions="be a pirate"))
+    assert port.ending is not None and port.ending.outcome is Outcome.FIELD_LOCKED
+    assert port.ending.close_code == 1008 and port.ending.error.code == "field_locked"
+    assert restored == ["instructions"] * 3
+
+
+def test_a_call_s_restores_do_not_touch_what_the_tier_may_set():
+    core, port, restored = call_core()
+    port.take()
+    up(core, reported(audio={"output": {"voice": "alloy"}}))
+    assert [kind for kind, _ in port.take()] == ["client"] and restored == []

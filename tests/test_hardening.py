@@ -275,7 +275,12 @@ async def test_a_client_that_stops_answering_pings_gets_client_timeout(relay_fac
     assert events[-1]["type"] == "error"
     assert events[-1]["error"]["code"] == "client_timeout"
     assert code == 1011
-    labels = {"tier": "default", "model": "gpt-realtime-mini", "outcome": "client_timeout"}
+    labels = {
+        "tier": "default",
+        "model": "gpt-realtime-mini",
+        "outcome": "client_timeout",
+        "transport": "websocket",
+    }
     assert relay.metric("realtime_relay_sessions_total", labels) == 1
 
 

@@ -330,8 +330,8 @@ async def test_an_untested_release_runs_the_portable_path(
     upstream_legs = []
     connect_upstream = relay.relay.upstream.connect
 
-    async def recording(model: str):
-        upstream_legs.append(await connect_upstream(model))
+    async def recording(model: str, **target):
+        upstream_legs.append(await connect_upstream(model, **target))
         return upstream_legs[-1]
 
     monkeypatch.setattr(relay.relay.upstream, "connect", recording)

@@ -298,8 +298,8 @@ async def test_transcription_and_cached_tokens(upstream: LocalUpstream) -> None:
         completed = next(
             e for e in first if e["type"] == "conversation.item.input_audio_transcription.completed"
         )
-        assert completed["transcript"].endswith("s of speech)")
-        assert completed["usage"]["type"] == "tokens"
+        assert completed["transcript"]  # whatever the recognizer makes of a tone
+        assert completed["usage"] == {"type": "duration", "seconds": 0.9}  # whisper-1: seconds
         await _append(ws, signal)
         second = (await _until(ws, "response.done"))[-1]["response"]["usage"]
     _assert_usage(second)

@@ -106,7 +106,8 @@ async def test_tokens_cost_sessions_and_latency_are_exact(relay_factory, upstrea
         if e["type"] == "conversation.item.input_audio_transcription.completed"
     ]
     assert len(usages) == 2 and len(transcriptions) == 2
-    assert value(during, "realtime_relay_sessions_active", tier="default", model=MODEL) == 1
+    assert value(during, "realtime_relay_sessions_active", tier="default", model=MODEL,
+                 transport="websocket") == 1  # fmt: skip
 
     async with asyncio.timeout(WAIT):
         while True:
@@ -137,14 +138,10 @@ async def test_tokens_cost_sessions_and_latency_are_exact(relay_factory, upstrea
         after, "realtime_relay_tokens_total", tier="default", model=transcribe,
         direction="input", kind="audio",
     ) == audio_in  # fmt: skip
-    assert value(after, "realtime_relay_sessions_active", tier="default", model=MODEL) == 0
-    assert (
-        value(after, "realtime_relay_sessions_total", tier="default", model=MODEL,
-              outcome="client_closed") == 1
-    )  # fmt: skip
-    assert (
-        value(after, "realtime_relay_turn_latency_seconds_count", tier="default", model=MODEL) == 2
-    )
+    websocket = {"tier": "default", "model": MODEL, "transport": "websocket"}
+    assert value(after, "realtime_relay_sessions_active", **websocket) == 0
+    assert value(after, "realtime_relay_sessions_total", **websocket, outcome="client_closed") == 1
+    assert value(after, "realtime_relay_turn_latency_seconds_count", **websocket) == 2
     assert value(after, "realtime_relay_upstream_connect_seconds_count") == 1
     # `rate_limits.updated` is parsed (PARSED_UPSTREAM_TYPES): the gauges show the last one.
     updates = [e for e in upstream.connections[0].sent if e["type"] == "rate_limits.updated"]
@@ -153,7 +150,7 @@ async def test_tokens_cost_sessions_and_latency_are_exact(relay_factory, upstrea
         labels = (("name", limit["name"]),)
         remaining = after[("realtime_relay_upstream_rate_limit_remaining", labels)]
         assert remaining == limit["remaining"]
-    assert value(after, "realtime_relay_session_duration_seconds_count") == 1
+    assert value(after, "realtime_relay_session_duration_seconds_count", transport="websocket") == 1
     appends = sum(1 for _ in range(0, (24 * 2 * 1700), 960)) * 2
     assert value(after, "realtime_relay_events_total", direction="client_to_upstream") == appends
     assert value(after, "realtime_relay_added_latency_seconds_count",
@@ -199,7 +196,7 @@ async def test_refusals_are_counted_by_reason(relay_factory, upstream):
         tier = "-" if reason in ("unauthorized", "origin") else "default"
         tier = "other" if tier == "-" else tier
         assert value(samples, "realtime_relay_session_rejections_total", tier=tier,
-                     reason=reason) == 1, reason  # fmt: skip
+                     reason=reason, transport="websocket") == 1, reason  # fmt: skip
     assert upstream.connections == []
 
 
@@ -393,7 +390,7 @@ def test_a_closed_sessions_tallies_remain_and_add_to_the_next():
         pytest.approx(0.3)
     )
     sessions = "realtime_relay_sessions_total"
-    labels = {"tier": "default", "model": metrics.model_label(MODEL)}
+    labels = {"tier": "default", "model": metrics.model_label(MODEL), "transport": "websocket"}
     assert metrics.registry.get_sample_value(sessions, {**labels, "outcome": "other"}) == 1
     assert metrics.registry.get_sample_value(sessions, {**labels, "outcome": "client_closed"}) == 1
     assert sample(metrics, "realtime_relay_sessions_active", **labels) == 0
@@ -432,7 +429,7 @@ def test_unknown_label_values_are_other():
     assert sample(metrics, "realtime_relay_upstream_closes_total", code="other") == 1
     assert sample(metrics, "realtime_relay_upstream_closes_total", code="1006") == 1
     assert sample(metrics, "realtime_relay_session_rejections_total", tier="default",
-                  reason="other") == 1  # fmt: skip
+                  reason="other", transport="websocket") == 1  # fmt: skip
 
 
 # Usage accounting, on real RelayMetrics and SessionMeter objects with no sockets. The usage

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import shutil
 import struct
@@ -15,14 +16,17 @@ import subprocess
 import wave
 import zlib
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import soxr
 from playwright.async_api import Page, async_playwright
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.demo import demo_tool
-from tests.helpers import relay_settings
+from tests.helpers import relay_settings, scripted_upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -36,12 +40,17 @@ WINDOW = RATE // 50  # 20 ms envelope windows
 # -- the fake microphone -------------------------------------------------------------------------
 
 
-def speech_wav(path: Path, *parts: tuple[str, float], lead: float = 0.5) -> Path:
-    """48 kHz mono 16-bit speech: each (text, seconds of silence after it), after `lead` s."""
+def speech_wav(
+    path: Path, *parts: tuple[str, float], lead: float = 0.5, voice: str | None = None
+) -> Path:
+    """48 kHz mono 16-bit speech: each (text, seconds of silence after it), after `lead` s, in
+    espeak-ng's `voice` (its default if None)."""
     pieces = []
+    voice_args = ["-v", voice] if voice else []
     for index, (text, pause) in enumerate(parts):
         raw, piece = path.with_suffix(f".raw{index}.wav"), path.with_suffix(f".{index}.wav")
-        subprocess.run(["espeak-ng", "-s", "150", "-w", str(raw), text], check=True)
+        speak = ["espeak-ng", *voice_args, "-s", "150", "-w", str(raw), text]
+        subprocess.run(speak, check=True)
         convert = ["sox", str(raw), "-r", "48000", "-c", "1", "-b", "16", str(piece)]
         subprocess.run([*convert, "pad", str(lead if index == 0 else 0), str(pause)], check=True)
         pieces.append(str(piece))
@@ -236,7 +245,11 @@ async def test_conversation(tmp_path, upstream, relay_factory):
         await page.get_by_role("button", name="Connect").click()
         answer = page.locator(".turn.assistant").first
         await answer.get_by_text("You said something for").wait_for()
-        await page.locator(".turn.user").first.get_by_text("s of speech").wait_for()
+        # The user's turn holds its completed transcript: the local upstream's recognizer is
+        # noisy with espeak-ng's default voice, so only that it heard words is checked (not its
+        # placeholder, "(1.23 s of speech)").
+        heard = await page.locator(".turn.user:not(.streaming) .text").first.inner_text()
+        assert re.search(r"[a-z]{2}", heard, re.I) and "s of speech" not in heard, heard
         record = upstream.connections[0]
         item_id = await answer.get_attribute("data-item")
         assert item_id is not None
@@ -548,4 +561,192 @@ async def test_server_tool_activity(tmp_path, upstream, relay_factory, show):
         else:
             assert await lines.count() == 0
             assert texts == []
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+# The relay's default transcription model (`RELAY_SESSION__TRANSCRIPTION`, app/config.py).
+TRANSCRIBE_MODEL = "gpt-4o-mini-transcribe"
+
+
+async def transcription_tokens(relay) -> float:
+    """Tokens the relay's /metrics counts for the transcription model, all kinds together."""
+    async with httpx.AsyncClient() as client:
+        response = await client.get(relay.http_url + "/metrics", timeout=WAIT_MS / 1000)
+    response.raise_for_status()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name == "realtime_relay_tokens_total"
+        and sample.labels.get("model") == TRANSCRIBE_MODEL
+    )
+
+
+async def test_captions(tmp_path, upstream, relay_factory):
+    """Captions mode shows what the microphone said, and the relay counts the transcription."""
+    relay = await relay_factory(relay_settings(upstream.url))
+    # A voice and rate the local upstream's recognizer (PocketSphinx) hears exactly.
+    wav = speech_wav(tmp_path / "captions.wav", ("hello world", 1.5), voice="en-us+m3")
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        captions = page.get_by_role("radio", name="Captions")
+        await captions.check()  # waits for the relay's options to offer it
+        # A transcription session: no model, no voice, no conversation, no answers.
+        assert await page.locator("#model").is_hidden()
+        assert await page.locator("#voice").is_hidden()
+        assert await page.locator("#transcript").is_hidden()
+        panel = page.locator("#captions")
+        assert await panel.get_attribute("aria-live") == "polite"
+        await page.get_by_role("button", name="Connect").click()
+
+        # The turn's line grows with the deltas, then holds the completed transcript.
+        line = panel.locator(".caption:not(.streaming)", has_text=re.compile("hello world", re.I))
+        await line.wait_for()
+        assert re.search(r"\bhello world\b", await line.inner_text(), re.I)
+        assert await panel.locator(".caption.failed").count() == 0
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+
+        # The upstream got the page's audio and nothing else: no answer was asked for or given.
+        record = upstream.connections[0]
+        assert not [e for e in record.events if e["type"].startswith("response.")]
+        assert not [e for e in record.sent if e["type"].startswith("response.")]
+        assert record.input_audio
+        page_stats = await stats(page)
+        assert page_stats["outputCodec"] is None and page_stats["samplesReceived"] == 0
+
+        # The relay counted the transcription's usage under the transcription model.
+        async with asyncio.timeout(WAIT_MS / 1000):
+            while True:
+                if await transcription_tokens(relay) > 0:
+                    break
+                await asyncio.sleep(0.05)
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "page-captions.png"), full_page=True)
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+# Every text each captions line showed, in order, by item id.
+CAPTION_TEXTS = """(() => {
+    const texts = (window.captionTexts = {});
+    const record = () => {
+        for (const line of document.querySelectorAll("#captions .caption")) {
+            const seen = (texts[line.dataset.item] ??= []);
+            const text = line.querySelector(".text").textContent;
+            if (seen.at(-1) !== text) seen.push(text);
+        }
+    };
+    document.addEventListener("DOMContentLoaded", () => {
+        const options = { childList: true, subtree: true, characterData: true };
+        new MutationObserver(record).observe(document.body, options);
+    });
+})();"""
+
+
+async def two_turns(ws) -> None:
+    """Once the page's audio flows: a turn whose transcription fails, then one that completes."""
+    await ws.recv()  # the first input_audio_buffer.append
+    turns = [
+        ("item_fail", ["good"], None),
+        ("item_ok", ["good", " morning"], "Good morning."),
+    ]
+    for item_id, deltas, transcript in turns:
+        ids: dict[str, Any] = {"item_id": item_id, "content_index": 0}
+        events: list[dict[str, Any]] = [
+            {"type": "input_audio_buffer.speech_started", "item_id": item_id}
+        ]
+        events += [
+            {"type": "conversation.item.input_audio_transcription.delta", **ids, "delta": d}
+            for d in deltas
+        ]
+        events += [
+            {"type": "input_audio_buffer.speech_stopped", "item_id": item_id},
+            {"type": "input_audio_buffer.committed", "item_id": item_id},
+        ]
+        if transcript is None:
+            error = {"type": "server_error", "code": None, "message": "The audio was unclear."}
+            failed = "conversation.item.input_audio_transcription.failed"
+            events.append({"type": failed, **ids, "error": error})
+        else:
+            completed = "conversation.item.input_audio_transcription.completed"
+            events.append({"type": completed, **ids, "transcript": transcript})
+        for event in events:
+            await ws.send(json.dumps(event))
+    await ws.wait_closed()
+
+
+async def test_captions_failed_turn(tmp_path, relay_factory):
+    """A captions line grows with its deltas; a failed turn stays, marked as not transcribed."""
+    async with scripted_upstream(two_turns) as url:
+        relay = await relay_factory(relay_settings(url))
+        wav = silence_wav(tmp_path / "silence.wav")
+        async with async_playwright() as playwright:
+            url = relay.http_url + "/"
+            page = await open_page(playwright, wav, tmp_path / "profile", url, CAPTION_TEXTS)
+            await page.get_by_role("radio", name="Captions").check()
+            await page.get_by_role("button", name="Connect").click()
+            panel = page.locator("#captions")
+            done = panel.locator('.caption[data-item="item_ok"]:not(.streaming)')
+            await done.get_by_text("Good morning.").wait_for()
+            failed = panel.locator('.caption[data-item="item_fail"]')
+            assert await failed.get_attribute("class") == "caption failed"
+            said = await failed.inner_text()
+            assert "good" in said and "Not transcribed: The audio was unclear." in said, said
+            order = await panel.locator(".caption").evaluate_all(
+                "(lines) => lines.map((line) => line.dataset.item)"
+            )
+            assert order == ["item_fail", "item_ok"]
+            texts = await page.evaluate("window.captionTexts")
+            assert texts["item_ok"] == ["…", "good", "good morning", "Good morning."], texts
+            await page.wait_for_function(
+                "document.querySelector('#status').dataset.state === 'listening'"
+            )
+            assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_captions_not_offered(tmp_path, upstream, relay_factory):
+    """A tier without transcription sessions: the page offers conversation only."""
+    tiers = {"default": {"transcription_sessions": False}}
+    relay = await relay_factory(relay_settings(upstream.url, tiers=tiers))
+    wav = silence_wav(tmp_path / "silence.wav")
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        await page.wait_for_function("document.querySelector('#model').options.length > 0")
+        captions = page.locator('input[name="kind"][value="captions"]')
+        assert await captions.count() == 1 and await captions.is_hidden()
+        assert await page.locator("#transcript").is_visible()
+        assert await page.locator("#captions").is_hidden()
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_captions_push_to_talk(tmp_path, upstream, relay_factory):
+    """Captions on a push-to-talk tier: the space bar holds the turn, its commit gets the words."""
+    relay = await relay_factory(relay_settings(upstream.url, session={"turn_detection": None}))
+    # 2.5 s of lead-in: time to connect and press the key before the words start.
+    voice = "en-us+m1"  # which the local upstream's recognizer hears exactly on this sentence
+    wav = speech_wav(tmp_path / "ptt.wav", ("good morning everyone", 1.0), lead=2.5, voice=voice)
+    async with async_playwright() as playwright:
+        page = await open_page(playwright, wav, tmp_path / "profile", relay.http_url + "/")
+        await page.get_by_role("radio", name="Captions").check()
+        assert await page.get_by_label("Push-to-talk").is_checked()
+        await page.get_by_role("button", name="Connect").click()
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+        await page.keyboard.down("Space")
+        await page.wait_for_function("document.querySelector('#ptt').ariaPressed === 'true'")
+        await asyncio.sleep(5.0)  # the rest of the lead-in, the words and a little silence
+        await page.keyboard.up("Space")
+        line = page.locator("#captions .caption:not(.streaming)")
+        await line.get_by_text(re.compile("good morning everyone", re.I)).wait_for()
+        await page.wait_for_function(
+            "document.querySelector('#status').dataset.state === 'listening'"
+        )
+        record = upstream.connections[0]
+        client = [kind for kind in types(record.events) if kind != "input_audio_buffer.append"]
+        # The relay's own session.update, then the page's turn: cleared, held, committed.
+        assert client == ["session.update", "input_audio_buffer.clear", "input_audio_buffer.commit"]
+        assert "input_audio_buffer.speech_started" not in record.sent_types()  # VAD was off
         assert page.errors == []  # type: ignore[attr-defined]

@@ -541,3 +541,136 @@ def test_a_response_override_is_held_to_the_same_values():
     )
     with pytest.raises(FieldLockedError):
         policy.client_event(text({"type": "response.create", "response": response}))
+
+
+# -- transcription sessions -------------------------------------------------------------------
+
+
+def transcription_policy(*, ignore: bool = False, may_set: list[str] | None = None):
+    tier = TierSettings()
+    return SessionPolicy(
+        SESSION,
+        tier.client_may_set if may_set is None else may_set,
+        model="gpt-4o-mini-transcribe",
+        server_tools=[{**TOOL, "name": "lookup"}],
+        allowed_values=tier.allowed_values,
+        ignore_locked=ignore,
+        transcription=True,
+    )
+
+
+def test_a_transcription_session_is_injected_without_the_conversation():
+    """The server's transcription session: its input side, nothing the model would be told."""
+    session = json.loads(transcription_policy().injected)["session"]
+    assert session.keys() == {"type", "audio"} and session["type"] == "transcription"
+    audio_input = session["audio"]["input"]
+    assert audio_input["transcription"] == {"model": "gpt-4o-mini-transcribe"}
+    assert audio_input["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert audio_input["turn_detection"]["type"] == "server_vad"
+    assert not {"create_response", "interrupt_response"} & audio_input["turn_detection"].keys()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "response.create"},
+        {"type": "response.cancel"},
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "user"}},
+        {"type": "conversation.item.retrieve", "item_id": "item_1"},
+        {"type": "output_audio_buffer.clear"},
+    ],
+)
+def test_a_transcription_session_takes_audio_and_session_events_only(event):
+    with pytest.raises(InvalidEventError) as refused:
+        transcription_policy().client_event(text(event))
+    assert (refused.value.code, refused.value.param) == ("invalid_event", "type")
+    assert event["type"] in refused.value.message
+
+
+def test_a_transcription_session_may_set_only_its_own_paths():
+    """The tier's realtime paths (the voice) mean nothing here; its transcription paths pass,
+    and the transcription model is the server's."""
+    changed = {"type": "transcription", "audio": {"input": {"transcription": {"language": "fr"}}}}
+    policy = transcription_policy()
+    assert policy.client_event(text({"type": "session.update", "session": changed}))
+    voice = {"type": "transcription", "audio": {"output": {"voice": "alloy"}}}
+    model = {"type": "transcription", "audio": {"input": {"transcription": {"model": "x"}}}}
+    for session, param in ((voice, "session.audio.output"), (model, None)):
+        with pytest.raises(FieldLockedError) as refused:
+            policy.client_event(text({"type": "session.update", "session": session}))
+        assert param is None or refused.value.param == param
+
+
+def test_the_session_type_is_locked_or_kept():
+    """`refuse` refuses a realtime session.update; `ignore` sends it as the session's kind."""
+    update = text({"type": "session.update", "session": {"type": "realtime", "instructions": "x"}})
+    with pytest.raises(FieldLockedError) as refused:
+        transcription_policy().client_event(update)
+    assert refused.value.param == "session.type"
+    _, _, forwarded, ignored = transcription_policy(ignore=True).decide(update)
+    assert json.loads(forwarded)["session"] == {"type": "transcription"}
+    assert ignored == ["session.type", "session.instructions"]
+    realtime = SessionPolicy(SESSION, [], model="gpt-realtime-mini", ignore_locked=True)
+    retyped = text({"type": "session.update", "session": {"type": "transcription"}})
+    assert json.loads(realtime.decide(retyped)[2])["session"] == {"type": "realtime"}
+
+
+@pytest.mark.parametrize(
+    ("may_set", "within"),
+    [
+        (["audio"], ["audio.input.format", "audio.input.transcription",
+                     "audio.input.noise_reduction", "audio.input.turn_detection"]),
+        (["audio.input.transcription.language", "audio.output.voice", "instructions"],
+         ["audio.input.transcription.language"]),
+        (["include", "tools"], ["include"]),
+    ],
+)  # fmt: skip
+def test_a_tier_s_paths_are_cut_down_to_the_transcription_session(may_set, within):
+    guard = transcription_policy(may_set=may_set).session_guard
+    assert guard.allowed == {"type", *within}
+
+
+# -- a WebRTC call's session ------------------------------------------------------------------
+
+
+def call_policy(ignore: bool = True) -> SessionPolicy:
+    tier = TierSettings()
+    return SessionPolicy(
+        SESSION,
+        tier.client_may_set,
+        model="gpt-realtime-mini",
+        allowed_values=tier.allowed_values,
+        ignore_locked=ignore,
+        call=True,
+    )
+
+
+def test_a_call_is_created_with_the_server_s_session():
+    session, ignored = call_policy().call_session(None)
+    assert session["instructions"] == "SERVER INSTRUCTIONS" and session["tools"] == [TOOL]
+    assert "format" not in session["audio"]["input"] and ignored == []
+
+
+def test_a_call_s_session_part_is_judged_as_a_session_update():
+    """What the tier may set is merged over the server's session; the rest is removed (or,
+    with `refuse`, refused); the model is the caller's to check, not a field."""
+    part = {
+        "type": "realtime",
+        "model": "gpt-realtime-mini",
+        "instructions": "be a pirate",
+        "audio": {
+            "output": {"voice": "alloy"},
+            "input": {"turn_detection": {"type": "semantic_vad"}},
+        },
+    }
+    session, ignored = call_policy().call_session(part)
+    assert ignored == ["session.instructions"]
+    assert session["instructions"] == "SERVER INSTRUCTIONS"
+    assert session["audio"]["output"] == {"voice": "alloy"}
+    assert session["audio"]["input"]["turn_detection"] == {"type": "semantic_vad"}  # replaced whole
+    assert session["audio"]["input"]["transcription"] == {"model": "gpt-4o-mini-transcribe"}
+    assert "model" not in session
+    with pytest.raises(FieldLockedError):
+        call_policy(ignore=False).call_session(part)
+    with pytest.raises(InvalidEventError):
+        call_policy().call_session(["not", "an", "object"])

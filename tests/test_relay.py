@@ -232,7 +232,8 @@ async def test_upstream_drop_mid_response(relay_factory, upstream):
         assert (await closed(ws))[0] == 1014
     assert (
         relay.metric(
-            "realtime_relay_sessions_active", {"tier": "default", "model": "gpt-realtime-mini"}
+            "realtime_relay_sessions_active",
+            {"tier": "default", "model": "gpt-realtime-mini", "transport": "websocket"},
         )
         == 0
     )
@@ -248,7 +249,12 @@ async def test_client_drop_closes_the_upstream(relay_factory, upstream):
     async with asyncio.timeout(WAIT):
         await record.closed.wait()
     await eventually(lambda: not relay.relay.sessions)
-    labels = {"tier": "default", "model": "gpt-realtime-mini", "outcome": "client_closed"}
+    labels = {
+        "tier": "default",
+        "model": "gpt-realtime-mini",
+        "outcome": "client_closed",
+        "transport": "websocket",
+    }
     assert relay.metric("realtime_relay_sessions_total", labels) == 1
 
 
@@ -298,6 +304,42 @@ async def test_a_beta_client_speaks_beta_to_a_ga_upstream(relay_factory, upstrea
     assert ga_update["session"]["audio"]["output"]["voice"] == "cedar"
     assert "temperature" not in json.dumps(ga_update) and "voice" not in ga_update["session"]
     assert "openai-beta" not in upstream.connections[0].headers
+
+
+async def test_the_openai_sdk_s_beta_client_through_the_relay(relay_factory, upstream):
+    """openai-python's beta Realtime client (`client.beta.realtime`, `OpenAI-Beta: realtime=v1`):
+    a scripted audio turn in the beta shape, the upstream GA. It always dials wss:// from
+    `base_url`; `websocket_base_url` is how its users point it at a plain ws:// relay."""
+    relay = await relay_factory(settings_for(upstream))
+    websocket_base_url = relay.http_url.replace("http://", "ws://") + "/v1"
+    client = AsyncOpenAI(api_key=CLIENT_KEY, websocket_base_url=websocket_base_url, max_retries=0)
+    audio = tone(400) + bytes(24 * 2 * 200)
+    received: list[dict] = []
+    async with client.beta.realtime.connect(model="gpt-realtime-mini") as conn:
+        await conn.session.update(session={"turn_detection": None, "voice": "ash"})
+        for start in range(0, len(audio), 960):
+            await conn.input_audio_buffer.append(
+                audio=base64.b64encode(audio[start : start + 960]).decode()
+            )
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        async with asyncio.timeout(WAIT):
+            async for event in conn:
+                received.append(event.model_dump())
+                if event.type == "response.done":
+                    break
+    updated = [e for e in received if e["type"] == "session.updated"][-1]
+    assert updated["session"]["voice"] == "ash" and updated["session"]["turn_detection"] is None
+    deltas = b"".join(
+        base64.b64decode(e["delta"]) for e in received if e["type"] == "response.audio.delta"
+    )
+    assert deltas == audio  # the local upstream's echo, renamed to the beta event
+    assert not [e for e in received if e["type"] == "error"]
+    record = upstream.connections[0]
+    assert "openai-beta" not in record.headers
+    ga = record.events[1]["session"]
+    assert ga["type"] == "realtime" and ga["audio"]["output"]["voice"] == "ash"
+    assert bytes(record.input_audio) == audio
 
 
 async def test_a_refused_injection_ends_the_session(relay_factory, upstream):

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from mcp.server.mcpserver import MCPServer
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
@@ -19,8 +18,10 @@ from websockets.asyncio.server import ServerConnection
 
 from tests.helpers import (
     CLIENT_KEY,
+    TOOL_SECRET,
     WAIT,
     eventually,
+    http_tool,
     recv_until,
     relay_settings,
     scripted_upstream,
@@ -29,65 +30,6 @@ from tests.helpers import (
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
-
-TOOL_SECRET = "Bearer tool-secret-7f3a"
-GET_TIME = {
-    "name": "get_time",
-    "description": "The time now in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "description": "the city"}},
-        "required": ["city"],
-    },
-}
-
-
-class ToolServer:
-    """An HTTP tool endpoint on loopback that records each call and answers as told."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[dict[str, str], Any]] = []
-        self.status = 200
-        self.body: Any = {"time": "10:42", "timezone": "Europe/Paris"}
-        self.delay = 0.0
-        self.url = ""
-
-    def app(self) -> FastAPI:
-        api = FastAPI()
-
-        @api.post("/tool")
-        async def tool(request: Request) -> Response:
-            self.calls.append((dict(request.headers), await request.json()))
-            await asyncio.sleep(self.delay)
-            if isinstance(self.body, str):
-                return Response(self.body, status_code=self.status, media_type="text/plain")
-            return JSONResponse(self.body, status_code=self.status)
-
-        return api
-
-
-@pytest.fixture
-async def tool_server() -> AsyncIterator[ToolServer]:
-    server = ToolServer()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server.url = f"http://127.0.0.1:{sock.getsockname()[1]}/tool"
-    config = uvicorn.Config(server.app(), log_level="warning", lifespan="off")
-    running = uvicorn.Server(config)
-    task = asyncio.create_task(running.serve(sockets=[sock]))
-    async with asyncio.timeout(WAIT):
-        while not running.started:  # noqa: ASYNC110 - uvicorn sets a flag, no event
-            await asyncio.sleep(0.01)
-    yield server
-    running.should_exit = True
-    await task
-
-
-def http_tool(server: ToolServer, **http: Any) -> dict[str, Any]:
-    return {
-        **GET_TIME,
-        "http": {"url": server.url, "headers": {"Authorization": TOOL_SECRET}, **http},
-    }
 
 
 async def sdk_tool_turn(relay: Any, text: str) -> list[dict]:

@@ -30,6 +30,7 @@ from websockets.asyncio.client import connect
 
 from app.config import ConfigError, load_settings
 from app.main import create_app, server_config
+from tests.audio_tools import spoken_pcm
 from tests.helpers import (
     CLIENT_KEY,
     UPSTREAM_KEY,
@@ -281,11 +282,11 @@ async def test_a_connection_that_never_starts_tls_is_closed_at_the_handshake_dea
 # -- openai-node
 
 
-def node_command(client: str, base_url: str) -> list[str]:
+def node_command(client: str, base_url: str, *speech: str) -> list[str]:
     """The driver's command line, or a failure that says what to install."""
     if not NODE.is_file() or not (DRIVER_DIR / "node_modules" / "openai").is_dir():
         pytest.fail(f"missing Node 22 and openai-node ({DRIVER_DIR / 'node_modules'}): {INSTALL}")
-    return [str(NODE), str(SCRIPT), client, base_url]
+    return [str(NODE), str(SCRIPT), client, base_url, *speech]
 
 
 async def run_turn(command: list[str], ca_file: Path | None) -> dict[str, Any]:
@@ -323,6 +324,23 @@ async def test_openai_node_turn_over_wss(relay_factory, upstream, certificate, c
     record = upstream.connections[0]
     assert record.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert bytes(record.input_audio) == AUDIO
+
+
+@pytest.mark.node
+async def test_openai_node_transcription_session(relay_factory, upstream, certificate, tmp_path):
+    """`new OpenAIRealtimeWS({intent: 'transcription'})`: speech in, its words out."""
+    relay = await relay_factory(tls_settings(upstream, certificate))
+    speech = tmp_path / "speech.pcm"
+    speech.write_bytes(spoken_pcm(tmp_path / "speech.wav", "hello world"))
+    command = node_command("ws", f"https://127.0.0.1:{relay.port}/v1", str(speech))
+    seen = await run_turn(command, certificate.certfile)
+
+    assert seen["ok"], seen
+    assert seen["url"] == f"wss://127.0.0.1:{relay.port}/v1/realtime?intent=transcription"
+    assert "hello world" in seen["transcript"].lower()
+    assert "response.created" not in seen["types"]
+    assert seen["usage"]["total_tokens"] > 0
+    assert upstream.connections[0].query == {"intent": "transcription"}
 
 
 @pytest.mark.node

@@ -15,7 +15,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.transport import fast
 from app.transport.fast import FastUpstreamLeg
 from app.transport.legs import PortableUpstreamLeg, UpstreamGoneError
-from app.transport.upstream import Upstream, build_target
+from app.transport.upstream import Upstream, build_target, calls_url
 from tests.helpers import eventually
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -246,3 +246,17 @@ async def test_a_keepalive_failure_is_told_apart(leg_kind):
         stop.set()
         await leg.close(1000, 1.0)
     assert (leg.close_code, leg.keepalive_failed) == (1006, True)
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "calls"),
+    [
+        ("wss://api.openai.com/v1/realtime", "openai", "https://api.openai.com/v1/realtime/calls"),
+        ("ws://127.0.0.1:9/v1/realtime?x=1", "openai", "http://127.0.0.1:9/v1/realtime/calls"),
+        ("wss://res.openai.azure.com", "azure", "https://res.openai.azure.com/openai/v1/realtime/calls"),
+    ],
+)  # fmt: skip
+def test_calls_are_created_beside_the_realtime_path(url, kind, calls):
+    """WebRTC calls: the upstream's Realtime path + /calls, over HTTP(S); Azure's GA path."""
+    settings = Settings(openai_api_key=KEY, upstream={"url": url, "kind": kind})
+    assert calls_url(settings) == calls

@@ -17,13 +17,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
+from app.api.responses import NO_STORE, error_response
 from app.auth.credentials import Authenticator, CredentialKind, bearer_token
 from app.auth.tokens import MAX_TOKEN_TTL_SECONDS, MIN_TOKEN_TTL_SECONDS
 from app.config import Settings
-from app.errors import ModelNotAllowedError, RelayError, UnauthorizedError
-
-# Tokens are credentials: no cache may keep them.
-_NO_STORE = {"Cache-Control": "no-store"}
+from app.errors import (
+    TRANSCRIPTION_NOT_ALLOWED,
+    ModelNotAllowedError,
+    UnauthorizedError,
+)
 
 
 class _ExpiresAfter(BaseModel):
@@ -37,7 +39,7 @@ class _ExpiresAfter(BaseModel):
 class _Session(BaseModel):
     model_config = ConfigDict(extra="allow")  # the rest of a session config is the relay's call
 
-    type: Literal["realtime"] = "realtime"
+    type: Literal["realtime", "transcription"] = "realtime"
     model: str | None = None
 
 
@@ -46,24 +48,6 @@ class _Request(BaseModel):
 
     expires_after: _ExpiresAfter | None = None
     session: _Session | None = None
-
-
-def _error(
-    status: int, exc: RelayError | None, message: str = "", code: str = "", param: str | None = None
-) -> JSONResponse:
-    """An OpenAI-shaped error body (`{"error": {...}}`)."""
-    body = {
-        "error": {
-            "type": "invalid_request_error",
-            "code": exc.code if exc is not None else code,
-            "message": exc.message if exc is not None else message,
-            "param": exc.param if exc is not None else param,
-        }
-    }
-    headers = dict(_NO_STORE)
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="realtime-relay"'
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _ttl_error(seconds: int) -> JSONResponse | None:
@@ -77,9 +61,8 @@ def _ttl_error(seconds: int) -> JSONResponse | None:
         code = "integer_above_max_value"
     else:
         return None
-    return _error(
-        400, None, f"Invalid {param!r}: {message}, but got {seconds} instead.", code, param
-    )
+    message = f"Invalid {param!r}: {message}, but got {seconds} instead."
+    return error_response(400, message=message, code=code, param=param)
 
 
 def client_secrets_router(auth: Authenticator, settings: Settings) -> APIRouter:
@@ -90,13 +73,15 @@ def client_secrets_router(auth: Authenticator, settings: Settings) -> APIRouter:
     "model": M}}``. N must be 10-7200, as OpenAI's, and is capped at (and defaults to)
     `RELAY_TOKEN_TTL_SECONDS`. M must be one of the tier's models; the token is then good for M
     only (a session opened with it uses M, and asking for another is `model_not_allowed`).
-    Without M the token is good for any of the tier's models.
+    Without M the token is good for any of the tier's models. With ``"type": "transcription"``
+    the token opens transcription sessions only (``/ws?intent=transcription``), if the tier may.
 
     Response 200: ``{"value": "ek_...", "expires_at": <unix s>, "session": {"type": "realtime",
-    "model": <M or the tier's default model>}}``. 401 for a missing or unknown key; 400 for a
-    malformed body (``invalid``), an N out of range (``integer_below_min_value`` or
-    ``integer_above_max_value``, param ``expires_after.seconds``, as OpenAI's) or a model the
-    tier may not use (``model_not_allowed``); errors have OpenAI's ``{"error": {...}}`` shape.
+    "model": <M or the tier's default model>}}`` (``{"type": "transcription"}`` for those).
+    401 for a missing or unknown key; 400 for a malformed body (``invalid``), an N out of range
+    (``integer_below_min_value`` or ``integer_above_max_value``, param
+    ``expires_after.seconds``, as OpenAI's) or a model the tier may not use
+    (``model_not_allowed``); errors have OpenAI's ``{"error": {...}}`` shape.
     """
     router = APIRouter()
 
@@ -104,33 +89,44 @@ def client_secrets_router(auth: Authenticator, settings: Settings) -> APIRouter:
     async def create_client_secret(request: Request) -> JSONResponse:
         token = bearer_token(request.headers.get("authorization", ""))
         if token is None:
-            return _error(401, UnauthorizedError("send a client key as Authorization: Bearer"))
+            return error_response(
+                401, UnauthorizedError("send a client key as Authorization: Bearer")
+            )
         try:
             identity = auth.authenticate(token)
         except UnauthorizedError as exc:
-            return _error(401, exc)
+            return error_response(401, exc)
         if identity.kind is not CredentialKind.KEY:
-            return _error(401, UnauthorizedError("minting a token needs a client key"))
+            return error_response(401, UnauthorizedError("minting a token needs a client key"))
         raw = await request.body()
         try:
             body = _Request.model_validate(json.loads(raw)) if raw.strip() else _Request()
         except (ValueError, ValidationError):
-            return _error(400, None, "the body is not a valid client_secrets request", "invalid")
+            message = "the body is not a valid client_secrets request"
+            return error_response(400, message=message, code="invalid")
         ttl = body.expires_after.seconds if body.expires_after else None
         if ttl is not None and (refusal := _ttl_error(ttl)) is not None:
             return refusal
-        models = settings.tier_models(identity.tier)
-        bound = body.session.model if body.session and body.session.model else None
-        model = bound or models[0]
-        if model not in models:
-            error = ModelNotAllowedError(f"model {model[:64]!r} is not available to this client")
-            return _error(400, error)
+        if body.session is not None and body.session.type == "transcription":
+            transcription = settings.session.transcription
+            if transcription is None or not settings.tiers[identity.tier].transcription_sessions:
+                error = ModelNotAllowedError(TRANSCRIPTION_NOT_ALLOWED)
+                return error_response(400, error)
+            # Bound to the transcription model: good for `?intent=transcription` sessions only.
+            bound: str | None = str(transcription.get("model", ""))
+            session: dict[str, Any] = {"type": "transcription"}
+        else:
+            models = settings.tier_models(identity.tier)
+            bound = body.session.model if body.session and body.session.model else None
+            model = bound or models[0]
+            if model not in models:
+                error = ModelNotAllowedError(
+                    f"model {model[:64]!r} is not available to this client"
+                )
+                return error_response(400, error)
+            session = {"type": "realtime", "model": model}
         value, expires_at = auth.mint(identity, ttl, model=bound)
-        result: dict[str, Any] = {
-            "value": value,
-            "expires_at": expires_at,
-            "session": {"type": "realtime", "model": model},
-        }
-        return JSONResponse(result, headers=_NO_STORE)
+        result: dict[str, Any] = {"value": value, "expires_at": expires_at, "session": session}
+        return JSONResponse(result, headers=NO_STORE)
 
     return router

@@ -54,6 +54,28 @@ CLIENT_EVENT_FIELDS: Final[dict[str, frozenset[str]]] = {
 }
 CLIENT_EVENT_TYPES: Final = frozenset(CLIENT_EVENT_FIELDS)
 
+# A transcription session (`?intent=transcription`) only hears audio: it has no responses and no
+# conversation a client can write to (https://developers.openai.com/api/docs/guides/realtime-transcription).
+TRANSCRIPTION_EVENTS: Final = frozenset(
+    {
+        "session.update",
+        "input_audio_buffer.append",
+        "input_audio_buffer.commit",
+        "input_audio_buffer.clear",
+    }
+)
+# The fields of a transcription session (the GA `RealtimeTranscriptionSessionCreateRequest`):
+# what a tier may set there is its `client_may_set` cut down to these.
+TRANSCRIPTION_PATHS: Final = (
+    "audio.input.format",
+    "audio.input.transcription",
+    "audio.input.noise_reduction",
+    "audio.input.turn_detection",
+    "include",
+)
+# Turn-detection fields about responses, which a transcription session never has.
+_RESPONSE_TURN_FIELDS: Final = frozenset({"create_response", "interrupt_response"})
+
 # Upstream events whose fields the relay reads; every other event is forwarded unparsed.
 PARSED_UPSTREAM_TYPES: Final = frozenset(
     {
@@ -219,6 +241,42 @@ def _allowed(value: Any, rule: Any) -> bool:
     return False
 
 
+def _within(paths: Iterable[str], fields: Sequence[str]) -> list[str]:
+    """The parts of dotted `paths` inside `fields`: a path below a field, or a field a path covers.
+
+    `["audio", "audio.output.voice", "instructions"]` within `["audio.input.format"]` is
+    `["audio.input.format"]`.
+    """
+    kept: list[str] = []
+    for path in paths:
+        for field in fields:
+            if path == field or path.startswith(f"{field}."):
+                kept.append(path)
+            elif field.startswith(f"{path}."):
+                kept.append(field)
+    return list(dict.fromkeys(kept))
+
+
+# Objects of a session whose fields a partial update sets one by one; any other value (a turn
+# detection object, a format) is replaced whole.
+_MERGED_OBJECTS: Final = frozenset({(), ("audio",), ("audio", "input"), ("audio", "output")})
+
+
+def _merged(
+    fields: dict[str, Any], changes: dict[str, Any], path: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`fields` with `changes` applied as a partial `session.update` applies them."""
+    merged = dict(fields)
+    for key, value in changes.items():
+        inner = (*path, key)
+        if inner in _MERGED_OBJECTS and isinstance(value, dict):
+            current = merged.get(key)
+            merged[key] = _merged(current if isinstance(current, dict) else {}, value, inner)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _without(fields: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     """`fields` less the value at `path`, copying only the dicts along it (the rest is shared)."""
     head = path[0]
@@ -268,6 +326,12 @@ class SessionPolicy:
             applied where the tier may set the path, in `session.update` and `response.create`.
         server_tools: the definitions of the server tools the session gets, injected with the
             client tools of `session.tools`.
+        call: a WebRTC call's session (`call_session`): no audio formats, as the call's audio is
+            RTP and never the relay's.
+        transcription: a transcription-only session (`?intent=transcription`): the server's
+            session is `{"type": "transcription", "audio": {"input": ...}}`, `model` is its
+            transcription model, a client may send only `TRANSCRIPTION_EVENTS` and set only the
+            `TRANSCRIPTION_PATHS` of `client_may_set`, and `session.type` is locked.
     """
 
     def __init__(
@@ -282,8 +346,20 @@ class SessionPolicy:
         server_tools: Sequence[dict[str, Any]] = (),
         allowed_values: dict[str, Any] | None = None,
         ignore_locked: bool = False,
+        call: bool = False,
+        transcription: bool = False,
     ) -> None:
         self.model = model
+        self.kind = "transcription" if transcription else "realtime"
+        self._event_fields = CLIENT_EVENT_FIELDS
+        if transcription:
+            client_may_set = _within(client_may_set, TRANSCRIPTION_PATHS)
+            server_tools = ()
+            self._event_fields = {
+                name: fields
+                for name, fields in CLIENT_EVENT_FIELDS.items()
+                if name in TRANSCRIPTION_EVENTS
+            }
         self.server_tools = list(server_tools)
         self.server_tool_names = frozenset(str(tool["name"]) for tool in self.server_tools)
         self.parsed_types = PARSED_UPSTREAM_TYPES
@@ -297,22 +373,29 @@ class SessionPolicy:
         self.may_set_tools = "tools" in guard.allowed
         self._roles = MESSAGE_ROLES if self.may_set_instructions else MESSAGE_ROLES - {"system"}
         self._roles_named = " or ".join(repr(role) for role in sorted(self._roles))
-        base = self._base_session(
-            session,
-            input_format or {"type": "audio/pcm", "rate": 24000},
-            output_format or {"type": "audio/pcm", "rate": 24000},
-        )
-        base["tools"] = [*session.tools, *self.server_tools]
+        input_format = input_format or {"type": "audio/pcm", "rate": 24000}
+        if transcription:
+            base = self._transcription_session(session, input_format)
+            extra: dict[str, Any] = {}
+        else:
+            base = self._base_session(
+                session, input_format, output_format or {"type": "audio/pcm", "rate": 24000}
+            )
+            base["tools"] = [*session.tools, *self.server_tools]
+            if call:
+                del base["audio"]["input"]["format"], base["audio"]["output"]["format"]
+            extra = session.extra
         self._values = [
             (tuple(path.split(".")), _resolved(rule, base, path))
             for path, rule in (allowed_values or {}).items()
             if guard.covers(tuple(path.split(".")))
         ]
-        fields = {**base, **session.extra}
+        # The server's session, as injected (a WebRTC call is created with it).
+        self.session = fields = {**base, **extra}
         event = {"type": "session.update", "event_id": INJECTED_EVENT_ID, "session": fields}
         self.injected = json.dumps(event, separators=(",", ":"))
         private = [tuple(path.split(".")) for path in PRIVATE_SESSION_PATHS]
-        private += [(key,) for key in session.extra if key not in base]
+        private += [(key,) for key in extra if key not in base]
         self._hidden = tuple(path for path in dict.fromkeys(private) if not guard.covers(path))
         self._checks: dict[str, Callable[[dict[str, Any]], list[str] | None]] = {
             "session.update": self._check_session_update,
@@ -343,6 +426,45 @@ class SessionPolicy:
                 "output": {"format": output_format, "voice": session.voice},
             },
         }
+
+    @staticmethod
+    def _transcription_session(
+        session: SessionSettings, input_format: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The transcription session the relay injects (`session.extra` is realtime-only)."""
+        turn_detection = session.turn_detection
+        if turn_detection is not None:
+            turn_detection = {
+                key: value
+                for key, value in turn_detection.items()
+                if key not in _RESPONSE_TURN_FIELDS
+            }
+        audio_input = {
+            "format": input_format,
+            "transcription": session.transcription,
+            "noise_reduction": session.noise_reduction,
+            "turn_detection": turn_detection,
+        }
+        return {"type": "transcription", "audio": {"input": audio_input}}
+
+    def call_session(self, requested: Any) -> tuple[dict[str, Any], list[str]]:
+        """A WebRTC call's session: the server's, with what the client's `session` may set.
+
+        `requested` (the call's `session` part, or None) is judged as a `session.update` is; its
+        `model` is the caller's to check, not a field. Returns the session and the dotted paths
+        removed from `requested` (the tier ignores what it locks).
+
+        Raises:
+            InvalidEventError: `requested` is not an object.
+            FieldLockedError: a change the client's tier does not allow (`refuse` mode).
+        """
+        if requested is None:
+            return self.session, []
+        if not isinstance(requested, dict):
+            raise InvalidEventError("the session must be a JSON object", param="session")
+        event = {"session": {key: value for key, value in requested.items() if key != "model"}}
+        ignored = self._check_session_update(event) or []
+        return _merged(self.session, event["session"]), ignored
 
     # -- client -> upstream -------------------------------------------------------------------
 
@@ -381,9 +503,16 @@ class SessionPolicy:
         event_type = event.get("type")
         if not isinstance(event_type, str):
             raise InvalidEventError("an event must be a JSON object with a string 'type'")
-        fields = CLIENT_EVENT_FIELDS.get(event_type)
+        fields = self._event_fields.get(event_type)
         try:
             if fields is None:
+                if event_type in CLIENT_EVENT_TYPES:
+                    raise InvalidEventError(
+                        f"a {self.kind} session has no {event_type} (its client events: "
+                        + ", ".join(self._event_fields)
+                        + ")",
+                        param="type",
+                    )
                 raise InvalidEventError(
                     f"unknown client event type {event_type[:_SHOWN]!r}",
                     code="unknown_event_type",
@@ -405,11 +534,16 @@ class SessionPolicy:
         session = event.get("session")
         if not isinstance(session, dict):
             raise InvalidEventError("session.update needs a 'session' object", param="session")
-        locked = self.session_guard.locked_paths(session)
-        if session.get("type", "realtime") != "realtime":
-            locked = ["type", *locked]
-        locked += self._outside_values(session)
-        return self._locked(event, "session", locked, "a client")
+        retyped = _NOTHING
+        if session.get("type", self.kind) != self.kind:
+            # The session's kind is the relay's: ignoring it keeps the event a valid update.
+            if not self.ignore_locked:
+                raise _refuse(["session.type"], "a client")
+            session = event["session"] = {**session, "type": self.kind}
+            retyped = ["session.type"]
+        locked = self.session_guard.locked_paths(session) + self.outside_values(session)
+        ignored = self._locked(event, "session", locked, "a client")
+        return [*retyped, *ignored] if ignored else retyped or None
 
     def _locked(
         self, event: dict[str, Any], key: str, locked: list[str], who: str
@@ -425,7 +559,7 @@ class SessionPolicy:
         event[key] = fields
         return [f"{key}.{path}" for path in locked]
 
-    def _outside_values(self, fields: dict[str, Any]) -> list[str]:
+    def outside_values(self, fields: dict[str, Any]) -> list[str]:
         """The paths whose value lies outside the tier's `allowed_values`."""
         outside = []
         for path, rule in self._values:
@@ -445,7 +579,7 @@ class SessionPolicy:
             return None
         if not isinstance(response, dict):
             raise InvalidEventError("'response' must be an object", param="response")
-        locked = self.response_guard.locked_paths(response) + self._outside_values(response)
+        locked = self.response_guard.locked_paths(response) + self.outside_values(response)
         ignored = self._locked(event, "response", locked, "a response")
         response = event["response"]
         items = response.get("input")

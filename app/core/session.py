@@ -19,6 +19,9 @@ What it owns:
   client may answer;
 * the deadlines: the session's length, its idle time (no client event but audio, and no speech
   detected upstream) and the start;
+* for a WebRTC call, whose client events never pass through the relay, the session as the
+  upstream reports it (`core.watch`): a locked field the client changed is put back at once,
+  and a call that keeps changing them ends;
 * how a session ends (`Ending`: outcome, close code, and the error that tells the client why);
 * what the meter counts (`Meter`).
 """
@@ -46,6 +49,7 @@ from app.core.budget import Budget, Reached, ResponseGate
 from app.core.policy import INJECTED_EVENT_ID, SessionPolicy
 from app.core.tools import ToolCalls
 from app.core.usage import usage_totals
+from app.core.watch import RESTORE_EVENT_ID, SessionWatch
 from app.errors import (
     BudgetExhaustedError,
     ClientError,
@@ -54,6 +58,7 @@ from app.errors import (
     ErrorCode,
     InvalidEventError,
     ItemNotAllowedError,
+    LockedFieldsChangedError,
     RateLimitedError,
     RelayError,
     SessionEndedError,
@@ -74,7 +79,10 @@ _OUTCOMES: Final[dict[str, Outcome]] = {
     ErrorCode.SESSION_EXPIRED: Outcome.EXPIRED,
     ErrorCode.SESSION_IDLE: Outcome.IDLE,
     ErrorCode.SERVER_SHUTTING_DOWN: Outcome.SHUTDOWN,
+    ErrorCode.FIELD_LOCKED: Outcome.FIELD_LOCKED,
 }
+# A WebRTC call's locked fields are put back this many times; the next change ends the call.
+MAX_RESTORES: Final = 2
 
 
 class Phase(Enum):
@@ -158,6 +166,9 @@ class SessionCore:
         count_ignored: called with each field path removed from a client event (`ignore` mode).
         beta: the client speaks the beta dialect: its events are translated to GA before they
             are judged, and what it is shown back to beta (`core.beta`).
+        watch: a WebRTC call's: what the client changed of the server's session (`core.watch`),
+            put back by the relay up to `max_restores` times; then the call ends.
+        count_restored: called with each field path put back.
         log: the session's logger.
     """
 
@@ -178,6 +189,9 @@ class SessionCore:
         count_budget: Callable[[str], None] = lambda scope: None,
         count_ignored: Callable[[str], None] = lambda path: None,
         beta: bool = False,
+        watch: SessionWatch | None = None,
+        max_restores: int = MAX_RESTORES,
+        count_restored: Callable[[str], None] = lambda path: None,
         log: logging.Logger | logging.LoggerAdapter[logging.Logger] = logger,
     ) -> None:
         self.policy, self.deadlines, self.meter, self.out = policy, deadlines, meter, out
@@ -189,6 +203,8 @@ class SessionCore:
         self._pricing, self._count_budget = pricing, count_budget
         self._count_ignored = count_ignored
         self.beta = beta
+        self._watch, self._max_restores, self._count_restored = watch, max_restores, count_restored
+        self.restores = 0
         self._price = pricing(policy.model)
         self._transcription_model: str | None = None
         self._unspent: tuple[int, float] | None = None
@@ -230,9 +246,19 @@ class SessionCore:
 
     # -- the start -----------------------------------------------------------------------------
 
-    def start(self, now: float) -> None:
-        """The upstream is open: wait for its `session.created`, within the start deadline."""
+    def start(self, now: float, *, injected: dict[str, Any] | None = None) -> None:
+        """The upstream is open: wait for its `session.created`, within the start deadline.
+
+        `injected`: the session in place already (a WebRTC call is created with it), so the
+        session is open at once.
+        """
         self._started = self._activity = now
+        if injected is not None:
+            self._session_updated({"session": injected}, "")
+            self.phase = Phase.OPEN
+            self.out.schedule(self._next_deadline())
+            self.out.opened()
+            return
         self.out.schedule(now + self.deadlines.start_seconds)
 
     def _starting(
@@ -468,7 +494,10 @@ class SessionCore:
         return text
 
     def _session_updated(self, event: dict[str, Any], text: str) -> str:
-        """Notes the transcription model, whose usage is priced as its own."""
+        """Notes the transcription model, whose usage is priced as its own; on a WebRTC call,
+        puts back what the client changed of the server's session."""
+        if self._watch is not None and self.phase is Phase.OPEN:
+            self._restore(self._watch, event.get("session"))
         try:
             model = event["session"]["audio"]["input"]["transcription"]["model"]
         except (KeyError, TypeError):
@@ -476,6 +505,23 @@ class SessionCore:
         if isinstance(model, str):
             self._transcription_model = model
         return text
+
+    def _restore(self, watch: SessionWatch, session: Any) -> None:
+        """Put back the locked fields a WebRTC client changed; past `max_restores`, hang up."""
+        changed = watch.changed(session)
+        if not changed:
+            return
+        for path in changed:
+            self._count_restored(path)
+        self.restores += 1
+        if self.restores > self._max_restores:
+            self._log.warning("the client changed %s again: ending the call", ", ".join(changed))
+            message = f"the client kept changing fields its tier locks ({', '.join(changed)})"
+            self.fail(LockedFieldsChangedError(message, param=changed[0]))
+            return
+        self._log.warning("the client changed %s: restoring them", ", ".join(changed))
+        event_id = f"{RESTORE_EVENT_ID}_{next(self._event_ids)}"
+        self.out.to_upstream(watch.restoring(changed, event_id))
 
     def _transcribed(self, event: dict[str, Any], text: str) -> str:
         usage = event.get("usage")

@@ -1,4 +1,9 @@
-"""Command line: `python -m app.local_upstream --host 127.0.0.1 --port 8765 [--api-key X]`."""
+"""Command line: `python -m app.local_upstream --host 127.0.0.1 --port 8765 [--api-key X]`.
+
+WebRTC calls' ICE candidates stay on 127.0.0.1 unless `--ice-address` says otherwise: a browser
+then needs `--allow-loopback-in-peer-connection` (Chromium), or give the machine's own address,
+or `--ice-address auto` for every interface but loopback.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,19 @@ def main(argv: list[str] | None = None) -> None:
         "--realtime", action="store_true", help="send answer audio at playback speed"
     )
     parser.add_argument("--audio-delta-ms", type=int, default=100)
+    parser.add_argument(
+        "--no-asr",
+        action="store_true",
+        help="placeholder input transcripts instead of PocketSphinx speech recognition",
+    )
+    parser.add_argument(
+        "--ice-address",
+        action="append",
+        dest="ice_addresses",
+        metavar="ADDRESS",
+        help="an address for WebRTC calls' ICE candidates (repeatable; default 127.0.0.1; "
+        "'auto': every interface but loopback)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -37,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         realtime_pacing=args.realtime,
         audio_delta_ms=args.audio_delta_ms,
+        asr=not args.no_asr,
     )
+    if args.ice_addresses:
+        config.ice_addresses = None if args.ice_addresses == ["auto"] else args.ice_addresses
     asyncio.run(_serve(config))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.local_upstream.session_config import DEFAULT_INSTRUCTIONS
 
@@ -26,6 +26,16 @@ class LocalUpstreamConfig:
             deltas of a response, as a crashed upstream would.
         session_created_delay: Seconds to wait after the handshake before `session.created`.
         send_session_created: Whether to send `session.created` at all.
+        asr: Transcribe input audio with PocketSphinx (`asr.py`) when a session asks for input
+            transcription. False sends the placeholder "(1.23 s of speech)" and never loads the
+            recognizer: for benchmarks with hundreds of sessions.
+        ice_addresses: The addresses a WebRTC call's ICE host candidates are on (loopback by
+            default: this workplace allows loopback traffic only); `None` lets aioice use every
+            interface but loopback. It applies to every aiortc peer in the process, a test's
+            caller too (`internals.use_ice_addresses`).
+
+    `refuse_status` refuses `POST /v1/realtime/calls` too; `session_created_delay` and
+    `send_session_created` apply to WebSocket sessions only.
     """
 
     host: str = "127.0.0.1"
@@ -38,3 +48,5 @@ class LocalUpstreamConfig:
     drop_after_audio_deltas: int | None = None
     session_created_delay: float = 0.0
     send_session_created: bool = True
+    asr: bool = True
+    ice_addresses: list[str] | None = field(default_factory=lambda: ["127.0.0.1"])

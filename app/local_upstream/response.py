@@ -29,7 +29,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +45,10 @@ from app.local_upstream.conversation import (
     audio_tokens,
     text_tokens,
 )
-from app.local_upstream.events import new_id, server_event
+from app.local_upstream.events import Send, new_id, server_event
 
 logger = logging.getLogger(__name__)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 TONE_HZ = 440.0
 TONE_MS_PER_20_CHARS = 500
 TRANSCRIPT_PIECES = 3

@@ -7,10 +7,17 @@ Handshake rules (REALTIME.md §1), checked in this order:
 3. Azure GA path with `api-version` in the query: 401, as Azure answers.
 4. Credential: `Authorization: Bearer <key>`; on the Azure path also `api-key: <key>`. Wrong or
    missing: 401 `invalid_api_key`. With `api_key=None` anything (or nothing) is accepted.
-5. `?model=` missing: 400.
+5. `?call_id=` present: the sideband of that live WebRTC call (REALTIME.md §15.4; no `model`),
+   else 404.
+6. `?intent=` present: it must be `transcription` (a transcription-only session, REALTIME.md
+   §14.1) and come without `model`, else 400. Otherwise `?model=` missing: 400.
 
 Accepted handshakes with an `OpenAI-Beta` header get an `error` event `beta_api_shape_disabled`
 and a 1008 close: this upstream speaks GA only (REALTIME.md status note).
+
+The same port serves WebRTC calls over plain HTTP (`calls.py`), as OpenAI serves them beside the
+WebSocket: `POST /v1/realtime/calls` and `.../{id}/hangup` (`internals.side_door` hands those
+requests over). ICE host candidates are on `LocalUpstreamConfig.ice_addresses`.
 """
 
 from __future__ import annotations
@@ -19,10 +26,9 @@ import asyncio
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, cast, overload
+from typing import Any, Generic, Protocol, Self, TypeVar, cast, overload
 from urllib.parse import parse_qsl, urlsplit
 from weakref import WeakKeyDictionary
 
@@ -31,9 +37,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from app.local_upstream.calls import Calls
 from app.local_upstream.config import LocalUpstreamConfig
 from app.local_upstream.events import error_event
+from app.local_upstream.http import authorized, error_body, lower_headers
+from app.local_upstream.internals import side_door, side_door_enabled, use_ice_addresses
+from app.local_upstream.records import CallRecord, ConnectionRecord
 from app.local_upstream.session import RealtimeSession
+from app.local_upstream.transcription_session import TranscriptionSession
 
 logger = logging.getLogger(__name__)
 # websockets logs handshake headers (keys) and frames (audio) at DEBUG: never emit those.
@@ -44,39 +55,15 @@ OPENAI_PATH = "/v1/realtime"
 AZURE_PATH = "/openai/v1/realtime"
 CLOSE_TIMEOUT_S = 5.0
 
-# (error type, code) of the JSON body for each refused status; others fall back by class.
-_REFUSALS: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "invalid_request"),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "forbidden"),
-    404: ("invalid_request_error", "not_found"),
-    429: ("requests", "rate_limit_exceeded"),
-}
-
 T = TypeVar("T")
 
 
-@dataclass
-class ConnectionRecord:
-    """Everything one handshake and its session did, for tests to assert on.
+class _Session(Protocol):
+    """What the server needs of a session: both `RealtimeSession` and `TranscriptionSession`."""
 
-    Refused handshakes are recorded too: `status` is their HTTP status (101 when accepted) and
-    `closed` is set at once.
-    """
-
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # lower-cased names; repeated headers joined with ", "
-    status: int = 101
-    events: list[dict[str, Any]] = field(default_factory=list)  # client events, in order
-    sent: list[dict[str, Any]] = field(default_factory=list)  # server events, in order
-    input_audio: bytearray = field(default_factory=bytearray)  # every appended byte, decoded
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
-    close_code: int | None = None  # as websockets reports it; 1006 when no close frame came
-
-    def sent_types(self) -> list[str]:
-        """The `type` of every server event sent, in order."""
-        return [str(event["type"]) for event in self.sent]
+    async def start(self) -> None: ...
+    async def receive(self, message: str | bytes) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class _Knob(Generic[T]):
@@ -116,10 +103,12 @@ class LocalUpstream:
     send_session_created = _Knob[bool]()
     realtime_pacing = _Knob[bool]()
     audio_delta_ms = _Knob[int]()
+    asr = _Knob[bool]()
 
     def __init__(self, config: LocalUpstreamConfig | None = None, /, **overrides: Any) -> None:
         self.config = dataclasses.replace(config or LocalUpstreamConfig(), **overrides)
         self.connections: list[ConnectionRecord] = []
+        self._calls = Calls(self.config)
         self._server: Server | None = None
         self._pending: WeakKeyDictionary[ServerConnection, ConnectionRecord] = WeakKeyDictionary()
         self._changed = asyncio.Condition()
@@ -132,6 +121,16 @@ class LocalUpstream:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     @property
+    def calls(self) -> list[CallRecord]:
+        """Every WebRTC call answered, in order (`POST /v1/realtime/calls`)."""
+        return self._calls.records
+
+    @property
+    def calls_url(self) -> str:
+        """Where calls are created: `http://127.0.0.1:PORT/v1/realtime/calls`."""
+        return f"http://{self.config.host}:{self.port}{OPENAI_PATH}/calls"
+
+    @property
     def url(self) -> str:
         """The OpenAI-form URL without query, e.g. `ws://127.0.0.1:PORT/v1/realtime`."""
         return f"ws://{self.config.host}:{self.port}{OPENAI_PATH}"
@@ -142,6 +141,9 @@ class LocalUpstream:
         return f"ws://{self.config.host}:{self.port}{AZURE_PATH}"
 
     async def __aenter__(self) -> Self:
+        use_ice_addresses(self.config.ice_addresses)
+        if not side_door_enabled():
+            logger.warning("local upstream: WebRTC calls are not served (untested websockets)")
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -151,6 +153,7 @@ class LocalUpstream:
             max_size=None,  # server events may exceed 1 MiB (REALTIME.md §1.1); accept any size
             compression=None,
             logger=_WIRE_LOGGER,
+            create_connection=side_door(self._calls.respond) if side_door_enabled() else None,
         )
         logger.info("local upstream listening on %s", self.url)
         return self
@@ -163,12 +166,14 @@ class LocalUpstream:
     ) -> None:
         if self._server is None:
             return
+        await self._calls.aclose()  # ends live calls: their sidebands close with 1000
         self._server.close()  # closes open sessions with 1001 going away
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._server.wait_closed()
         except TimeoutError:
             logger.warning("local upstream: sessions did not close within %.1f s", CLOSE_TIMEOUT_S)
+        await self._calls.aclose()  # a call answered while the server was stopping
         self._server = None
 
     # A `timeout` argument (not the caller's `asyncio.timeout`) keeps test code to one line.
@@ -182,16 +187,22 @@ class LocalUpstream:
             await self._changed.wait_for(lambda: len(self.connections) >= n)
         return self.connections[n - 1]
 
+    async def wait_for_call(
+        self,
+        n: int = 1,
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> CallRecord:
+        """Wait until `n` WebRTC calls were answered; return the `n`th record."""
+        return await self._calls.wait_for(n, timeout)
+
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         url = urlsplit(request.path)
-        headers: dict[str, str] = {}
-        for name, value in request.headers.raw_items():
-            key = name.lower()
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
         record = ConnectionRecord(
-            path=url.path, query=dict(parse_qsl(url.query, keep_blank_values=True)), headers=headers
+            path=url.path,
+            query=dict(parse_qsl(url.query, keep_blank_values=True)),
+            headers=lower_headers(request.headers.raw_items()),
         )
         refusal = self._refusal(record)
         async with self._changed:
@@ -204,14 +215,7 @@ class LocalUpstream:
         record.status = status
         record.closed.set()
         logger.info("local upstream: refused %s with %d", record.path, status)
-        error_type, code = _REFUSALS.get(
-            status,
-            ("server_error", "server_error") if status >= 500 else ("invalid_request_error", ""),
-        )
-        body = {
-            "error": {"type": error_type, "code": code or None, "message": message, "param": None}
-        }
-        response = connection.respond(status, json.dumps(body))
+        response = connection.respond(status, json.dumps(error_body(status, message)))
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "application/json"
         return response
@@ -235,33 +239,54 @@ class LocalUpstream:
         azure = record.path == AZURE_PATH
         if azure and "api-version" in record.query:
             return HTTPStatus.UNAUTHORIZED, "api-version is not allowed on the /openai/v1 path."
-        expected = self.config.api_key
-        if expected is not None:
-            given = {record.headers.get("authorization", "").removeprefix("Bearer ")}
-            if azure:
-                given.add(record.headers.get("api-key", ""))
-            if expected not in given:
-                return HTTPStatus.UNAUTHORIZED, "Incorrect API key provided."
+        if not authorized(self.config.api_key, record.headers, azure=azure):
+            return HTTPStatus.UNAUTHORIZED, "Incorrect API key provided."
+        call_id = record.query.get("call_id")
+        if call_id is not None:
+            if self._calls.find(call_id) is None:
+                return HTTPStatus.NOT_FOUND, f"Call {call_id!r} not found."
+            return None
+        intent = record.query.get("intent")
+        if intent is not None:
+            if intent != "transcription":
+                return (
+                    HTTPStatus.BAD_REQUEST,
+                    f"Invalid value for 'intent': {intent!r}. Supported values are: "
+                    "'transcription'.",
+                )
+            if "model" in record.query:
+                return HTTPStatus.BAD_REQUEST, "'model' and 'intent' cannot be used together."
+            return None
         if not record.query.get("model"):
             return HTTPStatus.BAD_REQUEST, "Missing required parameter: 'model'."
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         record = self._pending.pop(ws)
+        if "call_id" in record.query:
+            await self._sideband(ws, record)
+            return
 
         async def send(event: dict[str, Any]) -> None:
             await ws.send(json.dumps(event))
             record.sent.append(event)
 
-        session = RealtimeSession(
-            model=record.query["model"],
-            config=self.config,
-            send=send,
-            abort=ws.transport.abort,
-            events=record.events,
-            input_audio=record.input_audio,
-        )
-        logger.info("local upstream: session on %s for %s", record.path, record.query["model"])
+        session: _Session
+        if "intent" in record.query:  # "transcription", as `_refusal` checked
+            session = TranscriptionSession(
+                config=self.config, send=send, events=record.events, input_audio=record.input_audio
+            )
+            logger.info("local upstream: transcription session on %s", record.path)
+        else:
+            session = RealtimeSession(
+                model=record.query["model"],
+                config=self.config,
+                send=send,
+                abort=ws.transport.abort,
+                events=record.events,
+                input_audio=record.input_audio,
+            )
+            logger.info("local upstream: session on %s for %s", record.path, record.query["model"])
         try:
             if "openai-beta" in record.headers:
                 refusal = "The beta Realtime API shape is disabled; remove the OpenAI-Beta header."
@@ -284,3 +309,20 @@ class LocalUpstream:
             record.close_code = ws.close_code
             record.closed.set()
             logger.info("local upstream: session closed with %s", record.close_code)
+
+    async def _sideband(self, ws: ServerConnection, record: ConnectionRecord) -> None:
+        call = self._calls.find(record.query["call_id"])
+        logger.info("local upstream: sideband of %s", record.query["call_id"])
+        try:
+            if call is None:  # it ended since the handshake was checked
+                await ws.close(CloseCode.NORMAL_CLOSURE, "call ended")
+            else:
+                await call.serve_sideband(ws, record)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            logger.exception("local upstream: sideband failed")
+            await ws.close(CloseCode.INTERNAL_ERROR)
+        finally:
+            record.close_code = ws.close_code
+            record.closed.set()

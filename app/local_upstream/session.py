@@ -1,9 +1,17 @@
 """One GA Realtime session of the local upstream: client events in, server events out.
 
 `RealtimeSession.receive()` takes each client frame, records it, dispatches on `type` through one
-table and answers with server events, or with an `error` event (REALTIME.md §10) echoing the
-client's `event_id`; the socket stays open. Responses stream in their own tasks (`response.py`);
-the session keeps every `ResponseRun` until it finishes, and `aclose()` stops them all.
+table (`events.dispatch`) and answers with server events, or with an `error` event (REALTIME.md
+§10) echoing the client's `event_id`; the socket stays open. Input audio and server VAD live in
+`input_audio.py`; with input transcription on, each committed turn is transcribed
+(`transcription.py`) before anything else happens, so its events precede the response's.
+Responses stream in their own tasks (`response.py`); the session keeps every `ResponseRun` until
+it finishes, and `aclose()` stops them all.
+
+The session does no I/O itself (`send` and `abort` are its transport's), so a WebRTC call
+(`call.py`) runs one too: its caller's audio comes in through `hear()` instead of appends, its
+initial `session` part through `configure()`, and the call adds its own client events
+(`handlers`).
 
 Not modelled: `idle_timeout_ms` is accepted and echoed but never fires
 `input_audio_buffer.timeout_triggered`; `semantic_vad` runs the same energy VAD with the
@@ -16,29 +24,34 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from app.local_upstream import pcm
 from app.local_upstream.config import LocalUpstreamConfig
-from app.local_upstream.conversation import Conversation, Item, Tokens, audio_tokens, text_tokens
-from app.local_upstream.events import ClientEventError, error_event, new_id, server_event
-from app.local_upstream.response import ResponseParams, ResponseRun, Send
+from app.local_upstream.conversation import Conversation, Item, Tokens
+from app.local_upstream.events import (
+    ClientEventError,
+    Handler,
+    Send,
+    dispatch,
+    new_id,
+    server_event,
+)
+from app.local_upstream.input_audio import InputAudio, SpeechStarted, SpeechStopped
+from app.local_upstream.response import ResponseParams, ResponseRun
 from app.local_upstream.session_config import (
-    DEFAULT_SERVER_VAD,
     apply_update,
     default_session,
     output_format,
     output_modalities,
 )
-from app.local_upstream.vad import EnergyVad, VadEvent
+from app.local_upstream.transcription import Transcriber
 
 logger = logging.getLogger(__name__)
 
-MIN_COMMIT_MS = 100  # "Expected at least 100ms of audio" (REALTIME.md §10)
 RATE_LIMIT_REQUESTS = 5000
 RATE_LIMIT_TOKENS = 800_000
 # The GA `response.create` overrides (REALTIME.md §7.2); beta ones are unknown here.
@@ -52,11 +65,9 @@ _PART_TYPES = {
     "assistant": {"output_text", "output_audio"},
 }
 
-Handler = Callable[[dict[str, Any]], Awaitable[None]]
-
 
 class RealtimeSession:
-    """The server side of one GA Realtime WebSocket session."""
+    """The server side of one GA Realtime session: a WebSocket, or a WebRTC call (`call.py`)."""
 
     def __init__(
         self,
@@ -66,7 +77,8 @@ class RealtimeSession:
         send: Send,
         abort: Callable[[], None],
         events: list[dict[str, Any]],
-        input_audio: bytearray,
+        input_audio: bytearray | None,
+        handlers: Mapping[str, Handler] | None = None,
     ) -> None:
         self.session = default_session(
             session_id=new_id("sess"),
@@ -80,17 +92,14 @@ class RealtimeSession:
         self._send = send
         self._abort = abort
         self._events = events
-        self._input_audio = input_audio
-        self._buffer = bytearray()  # uncommitted input audio
-        self._buffer_start = 0  # timeline offset (bytes) of `_buffer[0]`
-        self._vad = EnergyVad()
-        self._speech: tuple[str, int] | None = None  # (item id, audio_start_ms) while speaking
+        self._input = InputAudio(input_audio)
+        self._transcriber = Transcriber(send, config)
         self._active: ResponseRun | None = None  # the default-conversation response
         self._runs: set[ResponseRun] = set()  # every response in flight, out-of-band ones too
         self._cached = Tokens()
         self._responses = 0
         self._tokens_used = 0
-        self._configure_vad()
+        self._configure_input()
         self._handlers: dict[str, Handler] = {
             "session.update": self._session_update,
             "input_audio_buffer.append": self._append,
@@ -102,57 +111,40 @@ class RealtimeSession:
             "conversation.item.truncate": self._item_truncate,
             "response.create": self._response_create,
             "response.cancel": self._response_cancel,
+            **(handlers or {}),
         }
 
     async def start(self) -> None:
         """Announce the session (`session.created`)."""
         await self._send(server_event("session.created", session=copy.deepcopy(self.session)))
 
-    async def receive(self, message: str | bytes) -> None:
-        """Handle one client frame."""
-        if isinstance(message, bytes):
-            await self._send(
-                error_event("invalid_event", "Binary frames are not supported; send JSON text.")
-            )
-            return
-        try:
-            event = json.loads(message)
-        except ValueError:
-            await self._send(error_event("invalid_event", "The event is not valid JSON."))
-            return
-        if not isinstance(event, dict):
-            await self._send(error_event("invalid_event", "The event must be a JSON object."))
-            return
-        self._events.append(event)
-        client_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-        event_type = event.get("type")
-        handler = self._handlers.get(event_type) if isinstance(event_type, str) else None
-        try:
-            if event_type is None:
-                raise ClientEventError("invalid_event", "The 'type' field is missing.", "type")
-            if handler is None:
-                supported = ", ".join(f"'{name}'" for name in self._handlers)
-                raise ClientEventError(
-                    "invalid_event",
-                    f"Invalid value: {event_type!r}. Supported values are: {supported}.",
-                    "type",
-                )
-            await handler(event)
-        except ClientEventError as exc:
-            await self._send(
-                error_event(exc.code, exc.message, param=exc.param, client_event_id=client_id)
-            )
+    async def receive(
+        self, message: str | bytes, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Handle one client frame, recorded in `events` (default: the session's list)."""
+        record = self._events if events is None else events
+        await dispatch(message, self._handlers, record=record, send=self._send)
+
+    def configure(self, update: Any) -> None:
+        """Apply a session object as `session.update` would, but announce nothing: a WebRTC
+        call's initial `session` part. Raises `ClientEventError` and changes nothing if invalid."""
+        self.session = apply_update(self.session, update)
+        self._configure_input()
+
+    async def hear(self, audio: bytes) -> None:
+        """Take a WebRTC caller's audio (PCM16, 24 kHz, mono), as appends would bring it."""
+        await self._speech(self._input.feed(pcm.convert(audio, pcm.PCM, self._input_format())))
 
     async def aclose(self) -> None:
         """Stop every response task (bounded); nothing more is sent."""
         for run in list(self._runs):
             await run.aclose()
+        await self._transcriber.aclose()
 
     # -- session ------------------------------------------------------------------------------
 
     async def _session_update(self, event: dict[str, Any]) -> None:
-        self.session = apply_update(self.session, event.get("session"))
-        self._configure_vad()
+        self.configure(event.get("session"))
         await self._send(server_event("session.updated", session=copy.deepcopy(self.session)))
 
     def _turn_detection(self) -> dict[str, Any] | None:
@@ -162,97 +154,50 @@ class RealtimeSession:
     def _input_format(self) -> str:
         return str(self.session["audio"]["input"]["format"]["type"])
 
-    def _configure_vad(self) -> None:
-        vad = self._turn_detection()
-        settings = DEFAULT_SERVER_VAD if vad is None or vad["type"] != "server_vad" else vad
-        self._vad.configure(
-            fmt=self._input_format(),
-            threshold=float(settings["threshold"]),
-            prefix_padding_ms=int(settings["prefix_padding_ms"]),
-            silence_duration_ms=int(settings["silence_duration_ms"]),
-        )
-        if vad is None:
-            self._vad.reset()
-            self._speech = None
+    def _configure_input(self) -> None:
+        self._input.configure(self._input_format(), self._turn_detection())
 
     # -- input audio --------------------------------------------------------------------------
 
     async def _append(self, event: dict[str, Any]) -> None:
-        audio = event.get("audio")
-        if not isinstance(audio, str):
-            raise ClientEventError("missing_required_parameter", "Missing 'audio'.", "audio")
-        try:
-            data = base64.b64decode(audio, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ClientEventError(
-                "invalid_value", "'audio' is not valid base64.", "audio"
-            ) from exc
-        self._input_audio += data
-        self._buffer += data
-        turn_detection = self._turn_detection()
-        if turn_detection is None:
-            self._vad.skip(data)
-            return
-        for vad_event in self._vad.feed(data):
-            await self._on_vad(vad_event, turn_detection)
+        await self._speech(self._input.append(event))
 
-    async def _on_vad(self, event: VadEvent, turn_detection: dict[str, Any]) -> None:
-        bpm = pcm.BYTES_PER_MS[self._input_format()]
-        if event.kind == "started":
-            item_id = new_id("item")
-            start_ms = max(event.ms, -(-self._buffer_start // bpm))
-            self._speech = (item_id, start_ms)
+    async def _speech(self, found: list[SpeechStarted | SpeechStopped]) -> None:
+        """Send the speech events VAD found, commit each finished turn and answer it."""
+        turn_detection = self._turn_detection() or {}
+        for speech in found:
+            if isinstance(speech, SpeechStarted):
+                await self._send(
+                    server_event(
+                        "input_audio_buffer.speech_started",
+                        audio_start_ms=speech.audio_start_ms,
+                        item_id=speech.item_id,
+                    )
+                )
+                if turn_detection.get("interrupt_response") and self._active is not None:
+                    await self._active.cancel("turn_detected")
+                continue
             await self._send(
                 server_event(
-                    "input_audio_buffer.speech_started", audio_start_ms=start_ms, item_id=item_id
+                    "input_audio_buffer.speech_stopped",
+                    audio_end_ms=speech.audio_end_ms,
+                    item_id=speech.item_id,
                 )
             )
-            if turn_detection.get("interrupt_response") and self._active is not None:
-                await self._active.cancel("turn_detected")
-            return
-        if self._speech is None:
-            return
-        item_id, start_ms = self._speech
-        self._speech = None
-        await self._send(
-            server_event(
-                "input_audio_buffer.speech_stopped", audio_end_ms=event.ms, item_id=item_id
-            )
-        )
-        await self._commit_audio(item_id, self._take(start_ms * bpm, event.ms * bpm))
-        if turn_detection.get("create_response"):
-            if self._active is None:
-                await self._start_response(self._response_params({}))
-            else:
-                logger.info("speech stopped during response %s: no new response", self._active.id)
-
-    def _take(self, start: int, end: int) -> bytes:
-        """Cut timeline bytes [start, end) out of the buffer, dropping everything before `end`."""
-        low = max(0, start - self._buffer_start)
-        high = max(low, end - self._buffer_start)
-        audio = bytes(self._buffer[low:high])
-        del self._buffer[:high]
-        self._buffer_start += high
-        return audio
+            await self._commit_audio(speech.item_id, speech.audio)
+            if turn_detection.get("create_response"):
+                if self._active is None:
+                    await self._start_response(self._response_params({}))
+                else:
+                    logger.info(
+                        "speech stopped during response %s: no new response", self._active.id
+                    )
 
     async def _commit(self, event: dict[str, Any]) -> None:
-        buffered_ms = len(self._buffer) / pcm.BYTES_PER_MS[self._input_format()]
-        if buffered_ms < MIN_COMMIT_MS:
-            raise ClientEventError(
-                "input_audio_buffer_commit_empty",
-                "Error committing input audio buffer: buffer too small. Expected at least 100ms "
-                f"of audio, but buffer only has {buffered_ms:.2f}ms of audio.",
-            )
-        item_id = self._speech[0] if self._speech else new_id("item")
-        self._speech = None
-        self._vad.reset()
-        end = self._buffer_start + len(self._buffer)
-        await self._commit_audio(item_id, self._take(self._buffer_start, end))
+        await self._commit_audio(*self._input.commit())
 
     async def _clear(self, event: dict[str, Any]) -> None:
-        self._take(self._buffer_start, self._buffer_start + len(self._buffer))
-        self._speech = None
-        self._vad.reset()
+        self._input.clear()
         await self._send(server_event("input_audio_buffer.cleared"))
 
     async def _commit_audio(self, item_id: str, audio: bytes) -> None:
@@ -273,32 +218,11 @@ class RealtimeSession:
             server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item_id)
         )
         await self._announce(item, previous)
-        if self.session["audio"]["input"]["transcription"] is None:
-            return
-        transcript = f"({item.audio_ms / 1000:.2f} s of speech)"
-        item.data["content"][0]["transcript"] = transcript
-        ids = {"item_id": item_id, "content_index": 0}
-        await self._send(
-            server_event(
-                "conversation.item.input_audio_transcription.delta", **ids, delta=transcript
+        transcription = self.session["audio"]["input"]["transcription"]
+        if transcription is not None:
+            item.data["content"][0]["transcript"] = await self._transcriber.run(
+                item_id, audio, item.audio_format, transcription
             )
-        )
-        heard, wrote = audio_tokens(item.audio_ms), text_tokens(transcript)
-        usage = {
-            "type": "tokens",
-            "input_tokens": heard,
-            "output_tokens": wrote,
-            "total_tokens": heard + wrote,
-            "input_token_details": {"text_tokens": 0, "audio_tokens": heard},
-        }
-        await self._send(
-            server_event(
-                "conversation.item.input_audio_transcription.completed",
-                **ids,
-                transcript=transcript,
-                usage=usage,
-            )
-        )
 
     async def _announce(self, item: Item, previous: str | None) -> None:
         for event_type in ("conversation.item.added", "conversation.item.done"):

@@ -1,4 +1,8 @@
-"""The GA session object: defaults, and validation and merging of `session.update`.
+"""The GA session objects: defaults, and validation and merging of `session.update`.
+
+Two kinds (REALTIME.md §5, §14.2): a realtime session (`type: "realtime"`, `?model=`) and a
+transcription session (`type: "transcription"`, `?intent=transcription`), which has only
+`audio.input` and `include`. An update must name its session's own type.
 
 Merge rule (documented choice): objects merge key by key, recursively, so a client may send only
 `{"type": "realtime", "audio": {"output": {"voice": "cedar"}}}`. Lists, scalars and `null` replace.
@@ -37,6 +41,14 @@ DEFAULT_SEMANTIC_VAD: dict[str, Any] = {
     "create_response": True,
     "interrupt_response": True,
 }
+# A transcription session's turn detection has nothing about responses (example g).
+TRANSCRIPTION_SERVER_VAD: dict[str, Any] = {
+    "type": "server_vad",
+    "threshold": 0.5,
+    "prefix_padding_ms": 300,
+    "silence_duration_ms": 200,
+}
+TRANSCRIPTION_SEMANTIC_VAD: dict[str, Any] = {"type": "semantic_vad", "eagerness": "auto"}
 
 # The GA session.update shape: a nested dict is an object whose keys are checked, None a leaf.
 _SCHEMA: dict[str, Any] = dict.fromkeys(
@@ -54,6 +66,8 @@ _SCHEMA["audio"] = {
     },
     "output": {"format": None, "voice": None, "speed": None},
 }
+_TRANSCRIPTION_SCHEMA: dict[str, Any] = dict.fromkeys("type include id object expires_at".split())
+_TRANSCRIPTION_SCHEMA["audio"] = {"input": _SCHEMA["audio"]["input"]}
 _READ_ONLY = ("id", "object", "expires_at")
 _REPLACED = {"format", "tracing", "truncation", "prompt", "noise_reduction", "reasoning"}
 _TURN_DETECTION_KEYS = set(DEFAULT_SERVER_VAD) | set(DEFAULT_SEMANTIC_VAD)
@@ -94,6 +108,25 @@ def default_session(
     }
 
 
+def default_transcription_session(*, session_id: str, now: float) -> dict[str, Any]:
+    """The transcription session `session.created` announces (example g)."""
+    return {
+        "type": "transcription",
+        "object": "realtime.transcription_session",
+        "id": session_id,
+        "expires_at": int(now) + SESSION_TTL_S,
+        "audio": {
+            "input": {
+                "format": {"type": pcm.PCM, "rate": 24000},
+                "transcription": None,
+                "noise_reduction": None,
+                "turn_detection": dict(TRANSCRIPTION_SERVER_VAD),
+            }
+        },
+        "include": None,
+    }
+
+
 def apply_update(session: dict[str, Any], update: Any) -> dict[str, Any]:
     """Return the effective session after `update`, or raise `ClientEventError`."""
     if not isinstance(update, dict):
@@ -104,16 +137,21 @@ def apply_update(session: dict[str, Any], update: Any) -> dict[str, Any]:
             "Missing required parameter: 'session.type'.",
             "session.type",
         )
-    if update["type"] != "realtime":
+    kind = session["type"]
+    if update["type"] != kind:
         raise ClientEventError(
             "invalid_value",
-            f"Invalid value: {update['type']!r}. This server supports only 'realtime'.",
+            f"Invalid value: {update['type']!r}. This is a {kind!r} session; its type cannot "
+            "change.",
             "session.type",
         )
-    _check_keys(update, _SCHEMA, "session")
+    transcription_only = kind == "transcription"
+    _check_keys(update, _TRANSCRIPTION_SCHEMA if transcription_only else _SCHEMA, "session")
     changes = {k: v for k, v in update.items() if k not in _READ_ONLY}
     merged = _merge(copy.deepcopy(session), changes)
-    _normalise(merged)
+    if not transcription_only:
+        _normalise(merged)
+    _normalise_input(merged, transcription_only=transcription_only)
     return merged
 
 
@@ -210,15 +248,26 @@ def _normalise(session: dict[str, Any]) -> None:
     choice = session.get("tool_choice")
     if not (choice in ("auto", "none", "required") or isinstance(choice, dict)):
         raise ClientEventError("invalid_value", "Invalid tool_choice.", "session.tool_choice")
-    audio_in = session["audio"]["input"]
     audio_out = session["audio"]["output"]
-    audio_in["format"] = output_format(audio_in.get("format"), "session.audio.input.format")
     audio_out["format"] = output_format(audio_out.get("format"), "session.audio.output.format")
     speed = audio_out.get("speed", 1.0)
     if not isinstance(speed, int | float) or not 0.25 <= speed <= 1.5:
         raise ClientEventError(
             "invalid_value", "speed must be 0.25-1.5.", "session.audio.output.speed"
         )
+
+
+def _normalise_input(session: dict[str, Any], *, transcription_only: bool) -> None:
+    """Check and fill `audio.input` and `include`, common to both kinds of session."""
+    include = session.get("include")
+    if include is not None and not (
+        isinstance(include, list) and all(isinstance(i, str) for i in include)
+    ):
+        raise ClientEventError(
+            "invalid_type", "include must be a list of strings.", "session.include"
+        )
+    audio_in = session["audio"]["input"]
+    audio_in["format"] = output_format(audio_in.get("format"), "session.audio.input.format")
     transcription = audio_in.get("transcription")
     if transcription is not None:
         if not isinstance(transcription, dict) or not isinstance(transcription.get("model"), str):
@@ -229,16 +278,20 @@ def _normalise(session: dict[str, Any]) -> None:
             "language": None,
             "prompt": None,
         } | transcription
-    audio_in["turn_detection"] = _turn_detection(audio_in.get("turn_detection"))
+    defaults = (
+        {"server_vad": TRANSCRIPTION_SERVER_VAD, "semantic_vad": TRANSCRIPTION_SEMANTIC_VAD}
+        if transcription_only
+        else {"server_vad": DEFAULT_SERVER_VAD, "semantic_vad": DEFAULT_SEMANTIC_VAD}
+    )
+    audio_in["turn_detection"] = _turn_detection(audio_in.get("turn_detection"), defaults)
 
 
-def _turn_detection(value: Any) -> dict[str, Any] | None:
+def _turn_detection(value: Any, defaults: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     param = "session.audio.input.turn_detection"
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ClientEventError("invalid_type", f"Invalid type for '{param}'.", param)
-    defaults = {"server_vad": DEFAULT_SERVER_VAD, "semantic_vad": DEFAULT_SEMANTIC_VAD}
     kind = value.get("type")
     if kind not in defaults:
         raise ClientEventError(

@@ -12,8 +12,7 @@ carries out at once, synchronously, with no task per message. It owns what is ab
   out is encoded into binary frames, paced (`PACKET_GAP_SECONDS`) so that socket reads go in
   between two packets' encoding; upstream messages that arrive meanwhile wait behind them, and
   past `RELAY_UPSTREAM__MAX_QUEUE` of them the upstream stops being read;
-* the timer the core asks for, and the server tool calls it asks to run (each a task, at most
-  `RELAY_TOOL_CONCURRENCY` at once per session, cancelled with the session).
+* and, as every adapter does (`driver.CoreDriver`), the core's timer, its tool calls and its end.
 
 `run` returns the core's `Ending`; a failure the core did not foresee (a bug) is raised there.
 """
@@ -21,20 +20,16 @@ carries out at once, synchronously, with no task per message. It owns what is ab
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from app.audio.wire import ClientAudio
-from app.config import ModelPrice
-from app.core.budget import Budget, ResponseGate
-from app.core.policy import SessionPolicy
-from app.core.session import Deadlines, Ending, SessionCore
-from app.errors import InvalidAudioError, MessageTooBigError, UpstreamClosedError, UpstreamError
+from app.core.session import Ending
+from app.errors import InvalidAudioError, MessageTooBigError, UpstreamClosedError
 from app.metrics import SessionMeter
+from app.transport.driver import CoreDriver, CoreFactory, Log, ToolRunner
 from app.transport.legs import ClientGoneError, ClientLeg, UpstreamGoneError, UpstreamLeg
 
 AUDIO_OUTPUT_EVENTS: Final = frozenset(
@@ -45,14 +40,8 @@ AUDIO_OUTPUT_EVENTS: Final = frozenset(
 # long after the one before (docs/design.md, "Pacing binary audio").
 PACKET_GAP_SECONDS: Final = 0.002
 
-Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
-_UNAVAILABLE: Final = '{"error": "the tool is not available"}'
-_FAILED: Final = '{"error": "the tool failed"}'
-_TOO_MANY_CALLS: Final = '{"error": "too many tool calls at once; try again"}'
-
-
-class Pipe:
+class Pipe(CoreDriver):
     """One session's data plane: the client leg, the upstream leg, and the core between them.
 
     `run` attaches the upstream and starts the core's clock; the client is attached (read) when
@@ -65,53 +54,21 @@ class Pipe:
         upstream: UpstreamLeg,
         audio: ClientAudio,
         *,
-        policy: SessionPolicy,
-        deadlines: Deadlines,
+        core: CoreFactory,
         meter: SessionMeter,
-        session_id: str,
-        event_ids: Iterator[int],
         count_error: Callable[[str, str], None],
         max_message_bytes: int,
         max_queue: int,
         log: Log,
-        run_tool: Callable[[str, str, str], Awaitable[str]] | None = None,
+        run_tool: ToolRunner | None = None,
         tool_concurrency: int = 4,
-        show_tool_calls: bool = False,
-        budget: Budget | None = None,
-        gate: ResponseGate | None = None,
-        pricing: Callable[[str], ModelPrice | None] = lambda model: None,
-        count_budget: Callable[[str], None] = lambda scope: None,
-        count_ignored: Callable[[str], None] = lambda path: None,
-        beta: bool = False,
         on_spent: Callable[[float], None] = lambda usd: None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.ended: asyncio.Future[Ending] = self.loop.create_future()
         self.client, self.upstream, self.audio = client, upstream, audio
-        self.core = SessionCore(
-            policy,
-            deadlines,
-            meter,
-            self,
-            session_id=session_id,
-            event_ids=event_ids,
-            count_error=lambda code: count_error("relay", code),
-            show_tool_calls=show_tool_calls,
-            budget=budget,
-            gate=gate,
-            pricing=pricing,
-            count_budget=count_budget,
-            count_ignored=count_ignored,
-            beta=beta,
-            log=log,
+        super().__init__(
+            core, log=log, run_tool=run_tool, tool_concurrency=tool_concurrency, on_spent=on_spent
         )
-        self.spent = on_spent
-        self._run_tool = run_tool
-        self._tool_slots = asyncio.Semaphore(tool_concurrency)
-        self._max_tool_calls = 4 * tool_concurrency
-        self._tool_tasks: set[asyncio.Task[None]] = set()
         self.meter = meter
-        self.log = log
         self._count_error = count_error
         self.limit = max_message_bytes
         self.max_queue = max_queue
@@ -121,10 +78,8 @@ class Pipe:
         self._frames: Iterator[bytes] | None = None
         self._backlog: deque[bytes | None] = deque()
         self._next_packet: asyncio.TimerHandle | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._client_write_paused = False
         self._bad_delta_logged = False
-        self._settled: asyncio.Event | None = None
 
     async def run(self) -> Ending:
         self.core.start(time.perf_counter())
@@ -132,15 +87,9 @@ class Pipe:
         try:
             return await self.ended
         finally:
-            if not self.ended.done():
-                self.ended.cancel()
-            for handle in (self._timer, self._next_packet):
-                if handle is not None:
-                    handle.cancel()
-            for task in self._tool_tasks:
-                task.cancel()
-            if self._tool_tasks:  # a session's tasks end with it (bounded: they were cancelled)
-                await asyncio.wait(self._tool_tasks, timeout=1.0)
+            if self._next_packet is not None:
+                self._next_packet.cancel()
+            await self.stop()
             # The close handshakes need both sockets read again; the core ignores what comes.
             self.client.resume_reading()
             self.upstream.resume_reading()
@@ -151,8 +100,8 @@ class Pipe:
             self.core.client_closed()
         elif isinstance(exc, UpstreamGoneError):
             self.core.fail(UpstreamClosedError("the upstream connection closed"))
-        elif not self.ended.done():
-            self.ended.set_exception(exc)
+        else:
+            super().failed(exc)
 
     # -- the core's decisions (core.session.Decisions)
 
@@ -173,49 +122,8 @@ class Pipe:
         if tail is not None:
             self.upstream.send_text(tail)
 
-    def run_tool(self, call_id: str, name: str, arguments: str) -> None:
-        if len(self._tool_tasks) >= self._max_tool_calls:  # running and waiting their turn
-            self.log.warning("tool %s: too many calls at once; answered with an error", name)
-            self.core.tool_done(call_id, _TOO_MANY_CALLS, time.perf_counter())
-            return
-        task = self.loop.create_task(self._tool_call(call_id, name, arguments))
-        self._tool_tasks.add(task)
-        task.add_done_callback(self._tool_tasks.discard)
-
-    async def _tool_call(self, call_id: str, name: str, arguments: str) -> None:
-        output = _UNAVAILABLE  # the core runs only the tools the session was given
-        if self._run_tool is not None:
-            try:
-                async with self._tool_slots:
-                    output = await self._run_tool(call_id, name, arguments)
-            except Exception as exc:  # a bug: the model still gets an answer, the call closes
-                self.log.error("tool %s failed: %s", name, type(exc).__name__)
-                output = _FAILED
-        try:
-            self.core.tool_done(call_id, output, time.perf_counter())
-        except Exception as exc:
-            self.failed(exc)
-
     def opened(self) -> None:
         self.client.attach(self)
-
-    def schedule(self, at: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if at is not None and not self.ended.done():
-            self._timer = self.loop.call_later(max(at - time.perf_counter(), 0.0), self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        try:
-            self.core.timer(time.perf_counter())
-        except Exception as exc:
-            self.failed(exc)
-
-    def end(self, ending: Ending) -> None:
-        if not self.ended.done():
-            self.ended.set_result(ending)
 
     # -- client -> upstream (legs.ClientSink)
 
@@ -271,50 +179,18 @@ class Pipe:
     # -- upstream -> client (legs.UpstreamSink)
 
     def upstream_text(self, data: bytes) -> None:
-        if self.ended.done():  # the core only counts what the responses in flight cost
-            if self.core.settling:
-                self._settling_text(data)
-            return
-        if self._frames is not None:  # behind the audio frames of an earlier delta
-            self._backlog.append(data)
+        if self._frames is not None and not self.ended.done():
+            self._backlog.append(data)  # behind the audio frames of an earlier delta
             self._sync_upstream_reading()
             return
-        start = time.perf_counter()
-        try:
-            try:
-                text = data.decode()
-            except UnicodeDecodeError:
-                self.core.fail(UpstreamError("the upstream sent a frame that is not UTF-8"))
-                return
-            self.core.upstream_text(text, start)
-        except Exception as exc:
-            self.failed(exc)
-
-    def _settling_text(self, data: bytes) -> None:
-        try:
-            self.core.upstream_text(data.decode(errors="replace"), time.perf_counter())
-        except Exception as exc:  # the session has ended: nothing left to fail
-            self.log.warning("after the end: %s", type(exc).__name__)
-        if not self.core.settling and self._settled is not None:
-            self._settled.set()
-
-    async def settle(self, within: float) -> None:
-        """After the end, wait (at most `within`) for the responses that were in flight to
-        report their usage: what they cost is billed, so it counts."""
-        if not self.core.settling:
-            return
-        self._settled = asyncio.Event()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await self._settled.wait()
+        super().upstream_text(data)
 
     def upstream_binary(self, data: bytes) -> None:
         self.log.warning("dropped a binary frame from the upstream")
 
     def upstream_closed(self) -> None:
         if self.ended.done():
-            if self._settled is not None:
-                self._settled.set()  # nothing more comes
+            self.settled()  # nothing more comes
             return
         if self._frames is not None:  # the audio before it goes out first
             self._backlog.append(None)

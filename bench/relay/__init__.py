@@ -55,10 +55,16 @@ histograms, scraped from its ``/metrics`` at both ends of the window, with p50/p
 the bucket deltas as Prometheus' ``histogram_quantile`` does (bucket resolution only; they time
 the relay's handler from receipt to send, not its socket queues).
 
+Sideband mode (``--sideband``, issue 16; N 100 and 400 by default): N WebRTC calls created
+through the relay's ``POST /v1/realtime/calls``, whose sidebands the relay holds while the upstream
+streams each a scripted voice turn's server events every ``--turn-seconds`` (no audio touches the
+relay, as on a real call), beside N WebSocket sessions through the relay: CPU per session-second
+and sessions per core for both, CPU per 1,000 events and RSS per session (``sideband``).
+
 Modules: ``cli`` (options, the sequence of runs, the JSON file), ``run`` (one target at one N),
-``servers`` (the upstream, relay and nginx processes, and their warm-up), ``upstream`` and
-``loadgen`` (the child processes), ``measure`` (CPU, memory and percentiles), ``metrics`` (the
-relay's histograms), ``report`` and ``opus_report`` (tables, warnings, the issues' targets),
-``opus_input`` (the Opus packets sent), ``processes`` (children, stopped on every exit) and
-``wire`` (what the processes agree on).
+``servers`` (the upstream, relay and nginx processes, and their warm-up), ``sideband`` (the
+calls' runs and their report), ``upstream`` and ``loadgen`` (the child processes), ``measure``
+(CPU, memory and percentiles), ``metrics`` (the relay's histograms), ``report`` and
+``opus_report`` (tables, warnings, the issues' targets), ``opus_input`` (the Opus packets sent),
+``processes`` (children, stopped on every exit) and ``wire`` (what the processes agree on).
 """

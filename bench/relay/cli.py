@@ -28,6 +28,7 @@ from bench.relay.processes import Processes
 from bench.relay.report import add_derived, check_targets, print_report
 from bench.relay.run import run_one
 from bench.relay.servers import TARGETS, relay_command, upstream_process
+from bench.relay.sideband import print_sideband_report, run_sideband
 from bench.relay.wire import OPUS_QUERY
 
 CODECS = ("json", "opus")
@@ -44,7 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ways; targets relay and direct as the baseline)",
     )
     parser.add_argument(
-        "--sessions", type=int, nargs="+", help="default 50 200 (json), 50 100 (opus)"
+        "--sideband",
+        action="store_true",
+        help="WebRTC calls: N calls whose sideband the relay holds (events, no audio), beside N "
+        "WebSocket relay sessions",
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        nargs="+",
+        help="default 50 200 (json), 50 100 (opus), 100 400 (sideband)",
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=3.0, help="streaming before the window")
@@ -63,10 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     opus = args.codec == "opus"
+    if args.sideband and (opus or args.targets):
+        parser.error("--sideband runs the relay's calls and WebSocket sessions: no --codec opus "
+                     "or --targets")  # fmt: skip
     if args.sessions is None:
-        args.sessions = [50, 100] if opus else [50, 200]
+        args.sessions = [100, 400] if args.sideband else [50, 100] if opus else [50, 200]
     if args.targets is None:
-        args.targets = ["direct", "relay"] if opus else list(TARGETS)
+        args.targets = (
+            ["relay"] if args.sideband else ["direct", "relay"] if opus else list(TARGETS)
+        )
     if opus and ("nginx" in args.targets or "relay" not in args.targets):
         parser.error("--codec opus runs the relay (and direct as the baseline); nginx cannot")
     if args.seconds <= 0 or args.seconds > 600 or not 1 <= args.loadgen_procs <= 8:
@@ -111,7 +126,7 @@ def bench(args: argparse.Namespace) -> None:
         packets: list[bytes] | None = None
         with (
             tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp,
-            upstream_process(args.response_ms, args.delta_ms, processes) as up,
+            upstream_process(args.response_ms, args.delta_ms, processes, args.turn_seconds) as up,
         ):
             if args.codec == "opus":
                 pcm, source = speech_pcm(Path(tmp))
@@ -127,8 +142,14 @@ def bench(args: argparse.Namespace) -> None:
                 for target in targets:
                     print(f"... {target} at N={n}", flush=True)
                     runs.append(run_one(target, n, args, up, Path(tmp), processes, packets))
-        add_derived(runs)
-        if args.codec == "opus":
+                if args.sideband:
+                    print(f"... sideband at N={n}", flush=True)
+                    runs.append(run_sideband(n, args, up, Path(tmp), processes))
+        add_derived([run for run in runs if run["target"] != "sideband"])
+        if args.sideband:
+            warnings = print_sideband_report(runs)
+            checks: dict[str, Any] = {}
+        elif args.codec == "opus":
             add_opus_derived(runs)
             warnings = print_opus_report(runs)
             checks = check_opus_targets(runs)

@@ -68,7 +68,9 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def upstream_process(response_ms: int, delta_ms: int, processes: Processes) -> Iterator[Upstream]:
+def upstream_process(
+    response_ms: int, delta_ms: int, processes: Processes, turn_seconds: float = 3.0
+) -> Iterator[Upstream]:
     """The echo upstream (`bench.relay.upstream`) in its own process, for the whole bench."""
     argv = [
         sys.executable,
@@ -76,6 +78,7 @@ def upstream_process(response_ms: int, delta_ms: int, processes: Processes) -> I
         "bench.relay.upstream",
         f"--response-ms={response_ms}",
         f"--delta-ms={delta_ms}",
+        f"--turn-seconds={turn_seconds}",
     ]
     process = processes.start(argv, cwd=ROOT, stdout=subprocess.PIPE)
     try:
@@ -139,7 +142,8 @@ def start_hop(
         if codec == "opus":
             url = f"ws://127.0.0.1:{port}/ws?model={MODEL}&{OPUS_QUERY}"
             return Hop("relay", url, False, process, log, opus=True, port=port)
-        return Hop("relay", f"ws://127.0.0.1:{port}{path}", auth=False, process=process, log=log)
+        url = f"ws://127.0.0.1:{port}{path}"
+        return Hop("relay", url, auth=False, process=process, log=log, port=port)
     prefix = tmp / f"nginx-{port}"
     prefix.mkdir()
     conf = prefix / "nginx.conf"

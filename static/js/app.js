@@ -1,26 +1,39 @@
 // The page: asks the relay what this client may use (GET /v1/relay/options), wires the controls
-// to a Session (session.js) and renders its state, transcript, level and latency.
+// to a Session (over /ws), a Call (the same conversation over WebRTC, where the tier allows it) or
+// Captions for a transcription-only session (session.js), and renders its state, transcript or
+// captions, level and latency.
 
 import { loadWorklets, opusSupport } from "./audio.js";
 import { describe } from "./errors.js";
-import { Session } from "./session.js";
+import { Call, Captions, Session } from "./session.js";
 
 const $ = (id) => document.getElementById(id);
 const el = {
   status: $("status"),
   banner: $("demo-banner"),
   form: $("connect-form"),
+  kind: $("kind"),
+  kinds: document.querySelectorAll('input[name="kind"]'),
+  transport: $("transport"),
+  transports: document.querySelectorAll('input[name="transport"]'),
   key: $("key"),
   model: $("model"),
+  modelField: $("model-field"),
   voice: $("voice"),
+  voiceField: $("voice-field"),
   opus: $("opus"),
+  opusField: $("opus-field"),
   connect: $("connect"),
   modes: document.querySelectorAll('input[name="mode"]'),
   ptt: $("ptt"),
   level: $("level"),
   levelBar: $("level-bar"),
   latency: $("latency"),
+  latencyBox: $("latency-box"),
+  conversation: $("conversation-panel"),
   transcript: $("transcript"),
+  captionsPanel: $("captions-panel"),
+  captions: $("captions"),
   composer: $("composer"),
   text: $("text"),
   image: $("image"),
@@ -35,6 +48,7 @@ const STATES = {
   listening: "Listening",
   user: "Hearing you…",
   thinking: "Thinking…",
+  transcribing: "Transcribing…",
   speaking: "Speaking",
   refused: "Refused",
   closed: "Disconnected",
@@ -53,7 +67,7 @@ function setState(state, detail = "") {
   el.status.textContent = detail ? `${STATES[state]}: ${detail}` : STATES[state];
   const live = session !== null && !["idle", "refused", "closed"].includes(state);
   el.connect.textContent = live ? "Disconnect" : "Connect";
-  for (const control of [el.key, el.model, el.opus]) control.disabled = live;
+  for (const control of [el.key, el.model, el.opus, ...el.kinds, ...el.transports]) control.disabled = live;
   for (const control of [el.text, el.image, el.send]) control.disabled = !live || state === "connecting";
   el.ptt.disabled = !live || state === "connecting" || mode() !== "ptt";
   el.ptt.setAttribute("aria-pressed", String(state === "user" && mode() === "ptt"));
@@ -75,12 +89,14 @@ async function loadOptions() {
       options = null;
       fill(el.model, []);
       fill(el.voice, []);
+      offerCaptions(false);
       showError(describe(body.error?.code, body.error?.message));
       return;
     }
     options = body;
   } catch {
     options = null;
+    offerCaptions(false);
     showError("The relay cannot be reached.");
     return;
   }
@@ -89,12 +105,55 @@ async function loadOptions() {
   fill(el.model, options.models, options.models[0]);
   fill(el.voice, options.voices, options.voice);
   el.voice.disabled = !options.client_may_set.includes("audio.output.voice");
-  const canSwitch = options.client_may_set.includes("audio.input.turn_detection");
+  for (const radio of el.modes) radio.checked = radio.value === tierMode();
+  offerCaptions(options.transcription === true);
+  el.ptt.disabled = true;
+}
+
+/** Offer Captions only to tiers that may open transcription sessions. */
+function offerCaptions(allowed) {
+  el.kind.hidden = !allowed;
+  if (!allowed) el.kinds[0].checked = true; // Conversation
+  showKind();
+}
+
+/** The turn taking the relay sets up for this tier. */
+function tierMode() {
+  return options?.turn_detection ? "vad" : "ptt";
+}
+
+/**
+ * The controls and panel of the chosen kind of session. Captions have no model, voice or
+ * latency, and keep the tier's turn taking (the page never updates a transcription session);
+ * they go over /ws, as do conversations unless the tier allows WebRTC and it is chosen.
+ */
+function showKind() {
+  const captions = kind() === "captions";
+  el.modelField.hidden = el.voiceField.hidden = el.latencyBox.hidden = captions;
+  el.transport.hidden = captions || !offersWebrtc();
+  el.opusField.hidden = !captions && transport() === "webrtc"; // WebRTC brings its own Opus
+  el.conversation.hidden = captions;
+  el.captionsPanel.hidden = !captions;
+  if (!options) return; // turn taking stays as it was until the relay answers
+  const canSwitch = !captions && options.client_may_set.includes("audio.input.turn_detection");
   for (const radio of el.modes) {
     radio.disabled = !canSwitch;
-    radio.checked = radio.value === (options.turn_detection ? "vad" : "ptt");
+    if (captions) radio.checked = radio.value === tierMode();
   }
-  el.ptt.disabled = true;
+}
+
+function kind() {
+  return [...el.kinds].find((radio) => radio.checked)?.value || "conversation";
+}
+
+/** Whether this tier may make WebRTC calls (`transports` holds "webrtc"; else /ws only). */
+function offersWebrtc() {
+  return options?.transports?.includes("webrtc") === true;
+}
+
+function transport() {
+  const chosen = [...el.transports].find((radio) => radio.checked)?.value;
+  return chosen === "webrtc" && offersWebrtc() ? "webrtc" : "websocket";
 }
 
 function fill(select, values, selected) {
@@ -128,15 +187,17 @@ async function connect() {
   const ctx = new AudioContext({ latencyHint: "interactive" });
   const resumed = ctx.resume();
   el.transcript.replaceChildren();
+  el.captions.replaceChildren();
   el.latency.textContent = "—";
-  session = new Session({
+  const Kind = kind() === "captions" ? Captions : transport() === "webrtc" ? Call : Session;
+  session = new Kind({
     ctx,
     options,
     model: el.model.value,
     voice: el.voice.value,
     key: el.key.value.trim(),
     mode: mode(),
-    opus: el.opus.checked ? await opusSupport(ctx.sampleRate) : { input: false, output: false },
+    opus: el.opus.checked && Kind !== Call ? await opusSupport(ctx.sampleRate) : { input: false, output: false },
     ui,
   });
   const current = session;
@@ -153,7 +214,7 @@ async function connect() {
     const message =
       error?.name === "NotAllowedError"
         ? "The microphone is blocked. Allow it in the browser's site settings and connect again."
-        : error?.name === "SyntaxError" // new WebSocket() refuses the key as a subprotocol
+        : error?.name === "SyntaxError" // new WebSocket() refuses the key (a Call too, alike)
           ? "That key has characters a browser cannot send. Check it and try again."
           : `Could not start audio: ${error?.message || error}`;
     session?.close();
@@ -187,6 +248,7 @@ const ui = {
     meta.textContent = `first audio after ${figure}`;
   },
   interrupted: (itemId) => bubble(itemId, "assistant").classList.add("interrupted"),
+  caption: (itemId, text, status, detail) => caption(itemId, text, status, detail),
   tool: (callId, name, args) => {
     const entry = toolLine(callId, name);
     if (entry.dataset.done) return; // the output is in already
@@ -232,6 +294,37 @@ function bubble(itemId, role, text, final = false) {
   }
   entry.scrollIntoView({ block: "nearest" });
   return entry;
+}
+
+// -- captions ---------------------------------------------------------------------------------
+
+/**
+ * The captions line of turn `itemId`: the text so far ("partial"), the completed transcript
+ * ("final"; an empty one removes the line) or what was heard before it failed ("failed").
+ */
+function caption(itemId, text, status, detail = "") {
+  let line = el.captions.querySelector(`[data-item="${CSS.escape(itemId)}"]`);
+  if (status === "final" && !text) {
+    line?.remove(); // a turn with no words (a cough, a door) leaves no line
+    return;
+  }
+  if (!line) {
+    line = document.createElement("li");
+    line.className = "caption";
+    line.dataset.item = itemId;
+    const body = document.createElement("span");
+    body.className = "text";
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    line.append(body, meta);
+    el.captions.append(line);
+  }
+  line.querySelector(".text").textContent = text || (status === "partial" ? "…" : "");
+  line.querySelector(".meta").textContent =
+    status === "failed" ? `Not transcribed${detail ? `: ${detail}` : ""}` : "";
+  line.classList.toggle("streaming", status === "partial");
+  line.classList.toggle("failed", status === "failed");
+  line.scrollIntoView({ block: "nearest" });
 }
 
 // -- server tool activity (only when the relay's tier shows tool calls) ---------------------
@@ -364,6 +457,7 @@ el.form.addEventListener("submit", (event) => {
   else connect();
 });
 el.key.addEventListener("change", loadOptions);
+for (const radio of [...el.kinds, ...el.transports]) radio.addEventListener("change", showKind);
 el.voice.addEventListener("change", () => session?.setVoice(el.voice.value));
 for (const radio of el.modes) {
   radio.addEventListener("change", () => {
@@ -371,6 +465,9 @@ for (const radio of el.modes) {
     el.ptt.disabled = !session || mode() !== "ptt";
   });
 }
+// Leaving the page hangs up: a WebRTC call would otherwise hold its slot until the relay's idle
+// timeout (the voice service does not end a call whose browser just left).
+window.addEventListener("pagehide", () => session?.close());
 el.composer.addEventListener("submit", sendComposed);
 el.image.addEventListener("change", () => attachImage().catch(() => showError("That file is not an image this browser can read.")));
 el.attachment.addEventListener("click", clearImage);

@@ -5,7 +5,8 @@ const PLAIN = {
     "This relay did not accept the key (or it does not allow anonymous use). Paste a valid client key and connect again.",
   session_limit_reached:
     "Too many conversations are open right now: the limit for your access level is reached. Try again in a minute.",
-  model_not_allowed: "That model is not available with your access level. Pick another one.",
+  // Also a refused Captions session, whose transcription model the page does not choose.
+  model_not_allowed: "The model this session needs is not available with your access level.",
   origin_not_allowed: "This relay does not accept connections from this web address.",
   unsupported_protocol: "This client speaks a protocol version the relay does not support.",
   limiter_unavailable:
@@ -60,4 +61,9 @@ export function describeClose(code) {
   if (code === 1013) return "The relay is busy. Try again shortly.";
   if (code === 1014) return PLAIN.upstream_unavailable;
   return `The relay closed the connection (code ${code}).`;
+}
+
+/** Plain words for a WebRTC call that ended without an error event (`failed`: the network). */
+export function describeCallEnd(failed) {
+  return failed ? "The call's connection was lost." : "The conversation ended.";
 }

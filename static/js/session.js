@@ -6,13 +6,22 @@
 // connect(), close(), setMode(), setVoice(), press()/release() for push-to-talk, sendText(),
 // sendImage().
 //
+// Captions (at the end): a transcription session (`/ws?intent=transcription`) on the same socket
+// and microphone code. The relay sets the session up; the page only sends audio (and, for
+// push-to-talk, commits) and reports each turn's transcript through `ui.caption`.
+//
+// Calls (at the very end): the same conversation over WebRTC. The relay admits the call at
+// `POST /v1/realtime/calls` and controls it from its side; the microphone track and the
+// `oai-events` data channel then go to the voice service directly, and the answer plays from the
+// remote track.
+//
 // Server tools: the relay runs them itself and hides their calls, unless the tier shows them
 // (`show_tool_calls`): then the model's `function_call` items and their `function_call_output`
 // items arrive as events, and `ui.tool(callId, name, args)` / `ui.toolOutput(callId, output)`
 // report them. The page runs no tool of its own.
 
 import { AUDIO_OUT, Microphone, OpusEncoder, Pcm16Encoder, Player, opusWireRate } from "./audio.js";
-import { REFUSALS, SILENT, describe, describeClose } from "./errors.js";
+import { REFUSALS, SILENT, describe, describeCallEnd, describeClose } from "./errors.js";
 
 const OUTPUT_RATE = 24000; // `relay_audio.samples` count 24 kHz samples (app/wire.py)
 const MAX_EARLY_CHUNKS = 250; // 5 s of microphone kept while the socket opens
@@ -76,12 +85,11 @@ export class Session {
   async connect() {
     this.ui.state("connecting");
     const ctx = this.ctx;
-    this.player = await Player.create(ctx, this.outputCodec, (m) => this.onPlayer(m));
+    this.player = await this.openPlayer();
     const send = (frame) => this.sendFrame(frame);
     this.encoder =
       this.inputCodec === "opus" ? new OpusEncoder(send, ctx.sampleRate) : new Pcm16Encoder(send);
-    const query = new URLSearchParams({ output_codec: this.outputCodec });
-    if (this.model) query.set("model", this.model); // else the tier's default model
+    const query = this.query();
     query.set("input_codec", this.inputCodec);
     // PCM16 at the device rate (the relay resamples to 24 kHz), or Opus at the encoder's rate.
     const rate = this.inputCodec === "opus" ? opusWireRate(ctx.sampleRate) : ctx.sampleRate;
@@ -102,6 +110,17 @@ export class Session {
     } catch (error) {
       if (!this.closed) throw error; // else: the context is closed already, nothing to report
     }
+  }
+
+  openPlayer() {
+    return Player.create(this.ctx, this.outputCodec, (m) => this.onPlayer(m));
+  }
+
+  /** The /ws query of this kind of session; connect() adds the input audio parameters. */
+  query() {
+    const query = new URLSearchParams({ output_codec: this.outputCodec });
+    if (this.model) query.set("model", this.model); // else the tier's default model
+    return query;
   }
 
   /** Hang up (the user's choice: no "disconnected" report follows). */
@@ -129,9 +148,14 @@ export class Session {
   }
 
   onClose(event) {
+    this.end(describeClose(event.code));
+  }
+
+  /** The session is over: a refusal or a recent error says why, else `otherwise`. */
+  end(otherwise) {
     const recent = this.lastError && performance.now() - this.lastError.at < 2000;
     const error = this.refusal || (recent ? this.lastError : null);
-    const reason = error ? describe(error.code, error.message) : describeClose(event.code);
+    const reason = error ? describe(error.code, error.message) : otherwise;
     const refused = error !== null && (!this.live || REFUSALS.has(error.code));
     this.cleanup();
     this.ui.closed(refused ? "refused" : "closed", reason, error?.code ?? null);
@@ -526,5 +550,317 @@ Session.prototype.handlers = {
       this.wantResponse = false;
       this.requestResponse();
     }
+  },
+};
+
+// -- captions: a transcription session ------------------------------------------------------------
+
+/**
+ * Live captions of the microphone: `/ws?intent=transcription`, no model, no output audio. The
+ * relay injects the transcription session and the page never updates it, so turn taking is the
+ * tier's (`options.turn_detection`): server VAD, or push-to-talk with a commit per turn. Each
+ * turn (item) is reported as `ui.caption(itemId, text, status, detail)`, status "partial" (the
+ * deltas so far), "final" (the completed transcript) or "failed" (`detail`: why).
+ */
+export class Captions extends Session {
+  constructor(o) {
+    super(o);
+    this.outputCodec = this.stats.outputCodec = null;
+    this.speaking = false; // between speech_started and speech_stopped (server VAD)
+  }
+
+  openPlayer() {
+    return null; // nothing is played
+  }
+
+  query() {
+    return new URLSearchParams({ intent: "transcription" });
+  }
+
+  setMode(mode) {
+    this.mode = mode; // the page offers only the tier's own turn taking here
+  }
+
+  setVoice() {}
+
+  press() {
+    if (!this.live || this.mode !== "ptt" || this.talking) return;
+    this.send({ type: "input_audio_buffer.clear" });
+    this.talking = true;
+    this.talkMs = 0;
+    this.ui.state("user");
+  }
+
+  release() {
+    if (!this.talking) return;
+    this.talking = false;
+    if (this.talkMs < MIN_PTT_MS) {
+      this.send({ type: "input_audio_buffer.clear" });
+      this.ui.error(describe("input_audio_buffer_commit_empty"));
+      this.ui.state("listening");
+      return;
+    }
+    this.send({ type: "input_audio_buffer.commit" }); // no response.create: nothing answers
+    this.ui.state("transcribing");
+  }
+
+  /** Back to "listening" once nobody is talking (a transcript may arrive mid-way the next turn). */
+  settle() {
+    if (!this.speaking && !this.talking) this.ui.state("listening");
+  }
+}
+
+Captions.prototype.handlers = {
+  error: Session.prototype.onError,
+
+  "session.created"() {
+    this.live = true;
+    this.ui.state("listening");
+  },
+
+  "input_audio_buffer.speech_started"(event) {
+    this.speaking = true;
+    this.ui.caption(event.item_id, this.userText.get(event.item_id) || "", "partial");
+    this.ui.state("user");
+  },
+
+  "input_audio_buffer.speech_stopped"() {
+    this.speaking = false;
+    this.ui.state("transcribing");
+  },
+
+  "input_audio_buffer.committed"(event) {
+    this.ui.caption(event.item_id, this.userText.get(event.item_id) || "", "partial");
+  },
+
+  "conversation.item.input_audio_transcription.delta"(event) {
+    const text = (this.userText.get(event.item_id) || "") + (event.delta || "");
+    this.userText.set(event.item_id, text);
+    this.ui.caption(event.item_id, text, "partial");
+  },
+
+  "conversation.item.input_audio_transcription.completed"(event) {
+    this.userText.delete(event.item_id);
+    this.ui.caption(event.item_id, event.transcript || "", "final");
+    this.settle();
+  },
+
+  "conversation.item.input_audio_transcription.failed"(event) {
+    const text = this.userText.get(event.item_id) || "";
+    this.userText.delete(event.item_id);
+    this.ui.caption(event.item_id, text, "failed", event.error?.message || "");
+    this.settle();
+  },
+};
+
+// -- calls: the conversation over WebRTC ----------------------------------------------------------
+
+const CALLS_PATH = "/v1/realtime/calls"; // the relay's, as OpenAI's (README "WebRTC calls")
+const HANGUP_TIMEOUT_MS = 2000; // the longest a hung-up call's peer connection waits for the relay
+
+/**
+ * A conversation over WebRTC (https://developers.openai.com/api/docs/guides/realtime-webrtc):
+ * the SDP offer goes to the relay, which admits the call as it admits /ws, creates it upstream
+ * with the server's session and answers with the SDP answer; the microphone track and the
+ * `oai-events` data channel then go to the voice service directly. The data channel carries the
+ * events of /ws but no output audio: the answer plays from the remote track in an
+ * `<audio autoplay>` element, and `output_audio_buffer.started/stopped/cleared` say when. On an
+ * interruption the server truncates the item to what it played itself; the page only cancels.
+ */
+export class Call extends Session {
+  constructor(o) {
+    super(o);
+    this.inputCodec = this.outputCodec = null; // the browser's WebRTC stack chooses (Opus)
+    Object.assign(this.stats, { transport: "webrtc", inputCodec: null, outputCodec: null });
+    this.pc = this.channel = this.track = this.location = null;
+    this.playing = null; // the response whose audio the server is sending on the track
+    this.speaker = document.createElement("audio");
+    this.speaker.autoplay = true;
+  }
+
+  async connect() {
+    this.ui.state("connecting");
+    // The capture worklet only feeds the level meter (and times push-to-talk): the peer
+    // connection sends a clone of the track, muted while push-to-talk is not held.
+    const mic = await Microphone.open(this.ctx, (samples, rms) => this.onMic(samples, rms));
+    if (this.closed) return mic.close();
+    this.mic = mic;
+    this.track = mic.stream.getAudioTracks()[0].clone();
+    this.gate();
+    const pc = (this.pc = new RTCPeerConnection());
+    pc.ontrack = (event) => {
+      this.speaker.srcObject = event.streams[0] || new MediaStream([event.track]);
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState !== "failed") return;
+      this.hangUp(); // the relay would otherwise hold the lost call until its idle timeout
+      this.end(describeCallEnd(true));
+    };
+    pc.addTrack(this.track);
+    this.channel = pc.createDataChannel("oai-events");
+    this.channel.onmessage = (event) => this.onMessage(event.data);
+    this.channel.onclose = () => this.end(describeCallEnd(false));
+    // The offer goes at once, without waiting for ICE gathering (as agents-js posts it): the
+    // answerer learns the page's addresses from its connectivity checks.
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const url = new URL(CALLS_PATH, location.href);
+    if (this.model) url.searchParams.set("model", this.model); // else the tier's default model
+    const request = { method: "POST", body: offer.sdp, headers: this.headers("application/sdp") };
+    let response;
+    try {
+      response = await fetch(url, request);
+    } catch {
+      return this.end("The relay cannot be reached.");
+    }
+    if (response.ok) this.location = new URL(response.headers.get("Location"), url);
+    if (this.closed) return this.hangUp(); // the user hung up while the offer was out
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      const { code, message } = body.error || {};
+      this.refusal = { code, message: message || `The relay answered ${response.status}.` };
+      return this.end();
+    }
+    await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+  }
+
+  /** The credential, as the page gives /ws its own (none: the anonymous tier). */
+  headers(contentType) {
+    const headers = contentType ? { "Content-Type": contentType } : {};
+    // As new WebSocket() refuses such a key for /ws (fetch would fail with a TypeError).
+    if (!/^[\x20-\x7e]*$/.test(this.key)) throw new DOMException("The key cannot be sent.", "SyntaxError");
+    if (this.key) headers.Authorization = `Bearer ${this.key}`;
+    return headers;
+  }
+
+  /**
+   * Hang up (the user's choice). The relay hears it first, so that it ends the call as the
+   * caller's and frees its slot at once; the peer connection, silent by then, closes once the
+   * relay has answered (or after HANGUP_TIMEOUT_MS).
+   */
+  close() {
+    const pc = this.pc;
+    const hungUp = this.hangUp();
+    this.pc = null; // not closed by cleanup()
+    this.cleanup();
+    if (!pc) return;
+    pc.onconnectionstatechange = null;
+    const late = new Promise((resolve) => setTimeout(resolve, HANGUP_TIMEOUT_MS));
+    Promise.race([hungUp, late]).then(() => pc.close());
+  }
+
+  /** `POST /v1/realtime/calls/{id}/hangup` on the relay, once; resolves when it answered. */
+  hangUp() {
+    if (!this.location) return Promise.resolve();
+    const url = `${this.location}/hangup`;
+    this.location = null;
+    return fetch(url, { method: "POST", headers: this.headers(), keepalive: true }).catch(() => {});
+  }
+
+  cleanup() {
+    if (this.closed) return;
+    if (this.channel) this.channel.onclose = this.channel.onmessage = null;
+    if (this.pc) this.pc.onconnectionstatechange = null;
+    this.pc?.close();
+    this.track?.stop();
+    this.speaker.srcObject = null;
+    super.cleanup();
+  }
+
+  /** The call ended by itself (the relay or the voice service hung up, or the network). */
+  end(otherwise) {
+    if (this.closed) return;
+    this.location = null; // ended (or never made): nothing left to hang up
+    super.end(otherwise);
+  }
+
+  transmit(message) {
+    if (this.channel?.readyState !== "open") return;
+    try {
+      this.channel.send(message);
+    } catch {
+      this.ui.error(describe("message_too_big")); // past the channel's largest message
+    }
+  }
+
+  onMic(samples, rms) {
+    this.ui.level(rms);
+    if (this.talking) this.talkMs += (samples.length * 1000) / this.ctx.sampleRate;
+  }
+
+  /** Send the microphone only while it may be heard: always, or while push-to-talk is held. */
+  gate() {
+    if (this.track) this.track.enabled = this.mode !== "ptt" || this.talking;
+  }
+
+  setMode(mode) {
+    super.setMode(mode);
+    this.gate();
+  }
+
+  press() {
+    super.press();
+    this.gate();
+  }
+
+  release() {
+    super.release();
+    this.gate();
+  }
+
+  /**
+   * Stop the answer: cancel the response still being written, and clear the audio the server
+   * still has to play (`output_audio_buffer.clear`, WebRTC's own event); the server truncates
+   * the item to what was played. With server VAD a barge-in needs none of it (`cancel` false).
+   */
+  interrupt(cancel) {
+    if (!cancel) return;
+    const response = this.activeResponse;
+    if (response && response !== "pending") this.send({ type: "response.cancel" });
+    if (this.playing) this.send({ type: "output_audio_buffer.clear" });
+  }
+
+  itemsOf(responseId) {
+    return [...this.items].filter(([, item]) => item.response === responseId).map(([itemId]) => itemId);
+  }
+}
+
+Call.prototype.handlers = {
+  ...Session.prototype.handlers,
+
+  // Never sent over WebRTC (the audio is on the track); ignored if they were.
+  "response.output_audio.delta"() {},
+  "response.output_audio.done"() {},
+
+  "output_audio_buffer.started"(event) {
+    this.playing = event.response_id;
+    if (this.turnEnd !== null) {
+      // End of the user's turn -> the server starts the answer's audio (the network and the
+      // browser's jitter buffer add a few tens of milliseconds before it is heard).
+      const ms = performance.now() - this.turnEnd;
+      this.turnEnd = null;
+      this.stats.latencies.push(Math.round(ms));
+      const [itemId] = this.itemsOf(event.response_id);
+      if (itemId) this.ui.latency(itemId, ms);
+    }
+    if (!this.talking) this.ui.state("speaking");
+  },
+
+  "output_audio_buffer.stopped"() {
+    this.playing = null;
+    if (!this.talking && this.turnEnd === null) this.ui.state("listening");
+  },
+
+  // After an interruption, which shows its own state.
+  "output_audio_buffer.cleared"(event) {
+    this.playing = null;
+    this.interrupted.add(event.response_id); // its transcript's late deltas are not shown
+    for (const itemId of this.itemsOf(event.response_id)) this.ui.interrupted(itemId);
+  },
+
+  "response.done"(event) {
+    Session.prototype.handlers["response.done"].call(this, event);
+    // A response with no audio (text, a tool call) never starts the output buffer.
+    if (!this.playing && !this.talking && !this.activeResponse) this.ui.state("listening");
   },
 };

@@ -1,6 +1,6 @@
 // One scripted audio turn through the relay with one of openai-node's Realtime clients.
 //
-//   node realtime_turn.mjs websocket|ws <base URL, e.g. https://127.0.0.1:8443/v1>
+//   node realtime_turn.mjs websocket|ws <base URL, e.g. https://127.0.0.1:8443/v1> [speech.pcm]
 //
 // `websocket` is OpenAIRealtimeWebSocket (the runtime's native WebSocket: Node >= 22), `ws` is
 // OpenAIRealtimeWS (the `ws` package). Both connect only to wss:// URLs, built from the base URL
@@ -8,13 +8,16 @@
 // self-signed certificate is trusted through NODE_EXTRA_CA_CERTS, as a user would do it.
 // The client key comes from RELAY_TEST_CLIENT_KEY. The turn: push-to-talk, 0.4 s of a PCM16
 // tone and 0.2 s of silence in 20 ms appends, commit, response.create, wait for response.done.
+// With a file of PCM16 24 kHz speech, a transcription session instead (`intent: 'transcription'`):
+// the speech in 20 ms appends, then wait for the first completed transcription (`transcript`).
 // Prints one JSON line (also when the turn failed: `ok` false and `error`); exits 1 only when
 // it could not report.
+import { readFileSync } from 'node:fs';
 import OpenAI from 'openai';
 import { OpenAIRealtimeWebSocket } from 'openai/realtime/websocket';
 import { OpenAIRealtimeWS } from 'openai/realtime/ws';
 
-const [kind, baseURL] = process.argv.slice(2);
+const [kind, baseURL, speechFile] = process.argv.slice(2);
 const TIMEOUT_MS = 20_000;
 const RATE = 24_000;
 
@@ -26,7 +29,9 @@ function tone(ms, freq = 300, amplitude = 8000) {
   return Buffer.from(samples.buffer);
 }
 
-const audio = Buffer.concat([tone(400), Buffer.alloc((RATE * 2 * 200) / 1000)]);
+const audio = speechFile
+  ? readFileSync(speechFile)
+  : Buffer.concat([tone(400), Buffer.alloc((RATE * 2 * 200) / 1000)]);
 const summary = {
   client: kind,
   node: process.versions.node,
@@ -40,6 +45,7 @@ const summary = {
   echoed: false,
   usage: null,
   status: null,
+  transcript: null,
   error: null,
 };
 
@@ -50,7 +56,7 @@ function report(code = 0) {
 
 async function turn() {
   const client = new OpenAI({ apiKey: process.env.RELAY_TEST_CLIENT_KEY, baseURL, maxRetries: 0 });
-  const props = { model: 'gpt-realtime-mini' };
+  const props = speechFile ? { intent: 'transcription' } : { model: 'gpt-realtime-mini' };
   let rt;
   if (kind === 'websocket') {
     rt = new OpenAIRealtimeWebSocket(props, client);
@@ -76,6 +82,13 @@ async function turn() {
         summary.status = event.response.status;
         summary.usage = event.response.usage ?? null;
         resolve();
+      } else if (
+        speechFile &&
+        event.type === 'conversation.item.input_audio_transcription.completed'
+      ) {
+        summary.transcript = event.transcript;
+        summary.usage = event.usage ?? null;
+        resolve();
       }
     });
     const closed = (code) => reject(new Error(`closed with ${code} before response.done`));
@@ -99,10 +112,19 @@ async function turn() {
   });
   await open;
 
-  rt.send({ type: 'session.update', session: { type: 'realtime', audio: { input: { turn_detection: null } } } });
+  if (!speechFile) {
+    const session = { type: 'realtime', audio: { input: { turn_detection: null } } };
+    rt.send({ type: 'session.update', session });
+  }
   for (let offset = 0; offset < audio.length; offset += 960) {
     const chunk = audio.subarray(offset, offset + 960);
     rt.send({ type: 'input_audio_buffer.append', audio: chunk.toString('base64') });
+  }
+  if (speechFile) {
+    await done;
+    summary.ok = summary.errors.length === 0 && Boolean(summary.transcript);
+    rt.close();
+    return;
   }
   rt.send({ type: 'input_audio_buffer.commit' });
   rt.send({ type: 'response.create' });
