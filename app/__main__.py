@@ -77,9 +77,10 @@ async def _serve(demo: bool) -> None:
     overrides: dict[str, object] = {}
     local = None
     if demo and not os.environ.get("OPENAI_API_KEY"):
-        # ICE on the machine's own addresses (aioice's choice): a browser reaches those, while
-        # loopback candidates need a Chromium flag (the tests' upstreams use 127.0.0.1).
-        local = _local_upstream_class()(realtime_pacing=True, ice_addresses=None)
+        # ICE on the machine's own addresses, which a browser reaches, and on loopback, which
+        # reaches a machine with no other interface (a browser offers loopback candidates only
+        # with a flag: the tests' upstreams use 127.0.0.1 alone).
+        local = _local_upstream_class()(realtime_pacing=True, ice_addresses=["auto", "127.0.0.1"])
         await local.__aenter__()
         overrides = {
             "openai_api_key": "demo-no-key",

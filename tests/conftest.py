@@ -21,11 +21,12 @@ from tests.audio_tools import resample, speech_wav
 from tests.helpers import (
     START_TIMEOUT,
     UPSTREAM_KEY,
-    WAIT,
     RelayProcess,
     RelayServer,
     ToolServer,
+    loopback_socket,
     relay_settings,
+    start_server,
 )
 from tests.redis_server import RedisServer
 
@@ -72,19 +73,10 @@ async def relay_factory() -> AsyncIterator[Callable[..., Awaitable[RelayServer]]
     async def start(settings: Settings, **server_options: Any) -> RelayServer:
         """`server_options` override uvicorn's config, e.g. `ws="websockets-sansio"`."""
         app = create_app(settings)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock = loopback_socket()
         port = sock.getsockname()[1]
         options = {"port": port, "log_level": "warning", **server_options}
-        config = server_config(app, settings, **options)
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        async with asyncio.timeout(START_TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
+        server, task = await start_server(server_config(app, settings, **options), sock)
         handle = RelayServer(server=server, port=port, app=app)
         running.append((handle, task))
         return handle
@@ -184,15 +176,10 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], np.ndarr
 async def tool_server() -> AsyncIterator[ToolServer]:
     """A `ToolServer` under uvicorn on a free loopback port, stopped after the test."""
     server = ToolServer()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     server.url = f"http://127.0.0.1:{sock.getsockname()[1]}/tool"
     config = uvicorn.Config(server.app(), log_level="warning", lifespan="off")
-    running = uvicorn.Server(config)
-    task = asyncio.create_task(running.serve(sockets=[sock]))
-    async with asyncio.timeout(WAIT):
-        while not running.started:  # noqa: ASYNC110 - uvicorn sets a flag, no event
-            await asyncio.sleep(0.01)
+    running, task = await start_server(config, sock)
     yield server
     running.should_exit = True
     await task

@@ -4,6 +4,7 @@ credentials for the auth tests, and a relay run as a subprocess."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -14,6 +15,7 @@ import socket
 import struct
 import sys
 import time
+from asyncio import Task
 from asyncio.subprocess import Process
 from dataclasses import dataclass
 from typing import Any
@@ -376,3 +378,57 @@ def http_tool(server: ToolServer, **http: Any) -> dict[str, Any]:
         **GET_TIME,
         "http": {"url": server.url, "headers": {"Authorization": TOOL_SECRET}, **http},
     }
+
+
+# A Realtime WebSocket client's moves, for the local upstream's tests.
+
+PCM_BYTES_PER_MS = 48  # 24 kHz PCM16
+
+
+async def send_event(ws: Any, event_type: str, **fields: Any) -> None:
+    await ws.send(json.dumps({"type": event_type, **fields}))
+
+
+async def recv_event(ws: Any, within: float = WAIT) -> dict[str, Any]:
+    async with asyncio.timeout(within):
+        event: dict[str, Any] = json.loads(await ws.recv())
+    return event
+
+
+async def events_until(
+    ws: Any, event_type: str, count: int = 1, within: float = WAIT
+) -> list[dict[str, Any]]:
+    """Receive events up to and including the `count`th of `event_type`."""
+    events: list[dict[str, Any]] = []
+    while sum(e["type"] == event_type for e in events) < count:
+        events.append(await recv_event(ws, within))
+    return events
+
+
+async def append_audio(ws: Any, audio: bytes, chunk_ms: int = 100) -> None:
+    """`audio` (24 kHz PCM16) as `input_audio_buffer.append` events of `chunk_ms` each."""
+    step = chunk_ms * PCM_BYTES_PER_MS
+    for i in range(0, len(audio), step):
+        chunk = base64.b64encode(audio[i : i + step]).decode()
+        await send_event(ws, "input_audio_buffer.append", audio=chunk)
+
+
+async def start_server(config: uvicorn.Config, sock: socket.socket) -> tuple[uvicorn.Server, Task]:
+    """Serve `config` on the bound `sock`; return once uvicorn has started (bounded), or raise
+    what stopped it."""
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    async with asyncio.timeout(START_TIMEOUT):
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+    return server, task
+
+
+def loopback_socket() -> socket.socket:
+    """A TCP socket bound to a free port of 127.0.0.1."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,14 @@ import pytest
 import uvicorn
 
 from app.config import DEFAULT_CLIENT_MAY_SET
-from tests.helpers import CLIENT_KEY, START_TIMEOUT, relay_settings, run_node_driver
+from tests.helpers import (
+    CLIENT_KEY,
+    START_TIMEOUT,
+    loopback_socket,
+    relay_settings,
+    run_node_driver,
+    start_server,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.node, pytest.mark.timeout(90)]
 
@@ -105,18 +111,11 @@ class ToolServer:
 async def tool_server() -> AsyncIterator[ToolServer]:
     """A `ToolServer` under uvicorn on a pre-bound loopback socket, stopped afterwards."""
     tools = ToolServer()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     tools.port = sock.getsockname()[1]
     config = uvicorn.Config(tools, lifespan="off", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    server, task = await start_server(config, sock)
     try:
-        async with asyncio.timeout(START_TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
         yield tools
     finally:
         server.should_exit = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,7 +26,9 @@ from tests.helpers import (
     auth_settings,
     hs256,
     jwt_claims,
+    loopback_socket,
     relay_settings,
+    start_server,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
@@ -46,19 +47,10 @@ async def http_server_factory() -> AsyncIterator[ServerFactory]:
     running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
     async def start(app: FastAPI) -> str:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        sock = loopback_socket()
         config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off")
-        server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        running.append((server, task))
-        with anyio.fail_after(START_TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        return f"http://127.0.0.1:{port}"
+        running.append(await start_server(config, sock))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     yield start
     for server, task in reversed(running):

@@ -18,7 +18,9 @@ from websockets.asyncio.client import connect
 from app.__main__ import with_demo_tool
 from app.api.demo import DEMO_TIME_PATH, local_time
 from app.config import Settings
+from tests.audio_tools import spoken_pcm
 from tests.helpers import START_TIMEOUT, WAIT, relay_settings, user_text
+from tests.webrtc_tools import Caller
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -170,3 +172,46 @@ async def test_make_run_demo_shows_a_tool_round_trip():
         ("get_time", {"city": "Paris"})
     ]
     assert f"127.0.0.1:{port}" not in json.dumps(seen)  # the tool's address stays server-side
+
+
+async def test_make_run_demo_takes_a_webrtc_call(tmp_path):
+    """`realtime-relay --demo`: a WebRTC call through the relay to the local upstream, which
+    hears the caller and answers on the call's audio track."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
+    env.update({"RELAY_PORT": str(port), "RELAY_LOG_LEVEL": "WARNING", "RELAY_DRAIN_SECONDS": "0"})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "--demo", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    caller = Caller(spoken_pcm(tmp_path / "hello.wav", "hello world"))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, timeout=WAIT) as client:
+            async with asyncio.timeout(START_TIMEOUT):
+                while True:
+                    try:
+                        if (await client.get("/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert process.returncode is None, "the demo relay exited at start-up"
+                    await asyncio.sleep(0.05)
+            headers = {"Content-Type": "application/sdp"}
+            offer = await client.post(
+                "/v1/realtime/calls", content=await caller.offer(), headers=headers
+            )
+            assert offer.status_code == 201, offer.text
+            await caller.answer(offer.text)
+            transcript = await caller.wait_for(
+                "conversation.item.input_audio_transcription.completed"
+            )
+            await caller.wait_for("output_audio_buffer.stopped", within=WAIT * 2)
+            hangup = await client.post(f"{offer.headers['location']}/hangup")
+            assert hangup.status_code == 200
+    finally:
+        await caller.close()
+        process.terminate()
+        async with asyncio.timeout(START_TIMEOUT):
+            await process.communicate()
+    assert "hello world" in transcript["transcript"].lower()
+    assert caller.loudness() > 500  # the echo, heard on the remote track

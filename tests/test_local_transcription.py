@@ -22,6 +22,7 @@ from websockets.exceptions import InvalidStatus
 
 from app.local_upstream import LocalUpstream, asr
 from app.local_upstream.pcm import PCM, PCMA, PCMU, convert
+from tests.helpers import append_audio, events_until, recv_event, send_event
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -85,34 +86,9 @@ def _connect(up: LocalUpstream, query: str = "intent=transcription") -> Any:
     return connect(f"{up.url}?{query}", additional_headers=headers, max_size=None)
 
 
-async def _send(ws: ClientConnection, event_type: str, **fields: Any) -> None:
-    await ws.send(json.dumps({"type": event_type, **fields}))
-
-
-async def _recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(TIMEOUT):
-        event: dict[str, Any] = json.loads(await ws.recv())
-    return event
-
-
-async def _until(ws: ClientConnection, event_type: str, count: int = 1) -> list[dict[str, Any]]:
-    """Receive events up to and including the `count`th of `event_type`."""
-    events: list[dict[str, Any]] = []
-    while sum(e["type"] == event_type for e in events) < count:
-        events.append(await _recv(ws))
-    return events
-
-
-async def _append(ws: ClientConnection, audio: bytes, chunk: int = 100 * BPM) -> None:
-    for i in range(0, len(audio), chunk):
-        await _send(
-            ws, "input_audio_buffer.append", audio=base64.b64encode(audio[i : i + chunk]).decode()
-        )
-
-
 async def _update(ws: ClientConnection, **session: Any) -> dict[str, Any]:
-    await _send(ws, "session.update", session={"type": "transcription", **session})
-    event = await _recv(ws)
+    await send_event(ws, "session.update", session={"type": "transcription", **session})
+    event = await recv_event(ws)
     assert event["type"] == "session.updated", event
     session_object: dict[str, Any] = event["session"]
     return session_object
@@ -133,7 +109,7 @@ def _check_tokens_usage(usage: dict[str, Any]) -> None:
 async def test_handshake_opens_a_transcription_session(upstream: LocalUpstream) -> None:
     """?intent=transcription without a model opens one; another intent or both params are 400."""
     async with _connect(upstream) as ws:
-        created = await _recv(ws)
+        created = await recv_event(ws)
     session = created["session"]
     assert created["type"] == "session.created" and session["id"].startswith("sess_")
     assert isinstance(session.pop("expires_at"), int)
@@ -171,15 +147,15 @@ async def test_speech_is_transcribed_and_never_answered(
     """Server VAD commits spoken words; deltas and completed carry them; no item or response."""
     voice, text = HELLO
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         session = await _update(ws, **_transcribe_with("gpt-4o-mini-transcribe"))
         assert session["audio"]["input"]["transcription"] == {
             "model": "gpt-4o-mini-transcribe",
             "language": None,
             "prompt": None,
         }
-        await _append(ws, _silence(300) + speech(voice, text) + _silence(1000))
-        events = await _until(ws, COMPLETED)
+        await append_audio(ws, _silence(300) + speech(voice, text) + _silence(1000))
+        events = await events_until(ws, COMPLETED)
     types = [e["type"] for e in events]
     assert types[:3] == [
         "input_audio_buffer.speech_started",
@@ -207,19 +183,19 @@ async def test_speech_is_transcribed_and_never_answered(
 async def test_only_transcription_events_are_accepted(upstream: LocalUpstream) -> None:
     """Realtime-only client events, a realtime session type and realtime fields are refused."""
     async with _connect(upstream) as ws:
-        created = (await _recv(ws))["session"]
-        await _send(
+        created = (await recv_event(ws))["session"]
+        await send_event(
             ws, "session.update", event_id="cli_1", session={"type": "realtime", "model": "x"}
         )
-        error = (await _recv(ws))["error"]
+        error = (await recv_event(ws))["error"]
         assert (error["code"], error["param"], error["event_id"]) == (
             "invalid_value",
             "session.type",
             "cli_1",
         )
         for event_type in ("response.create", "conversation.item.create", "response.cancel"):
-            await _send(ws, event_type, event_id="cli_2")
-            error = (await _recv(ws))["error"]
+            await send_event(ws, event_type, event_id="cli_2")
+            error = (await recv_event(ws))["error"]
             assert (error["code"], error["param"], error["event_id"]) == (
                 "invalid_event",
                 "type",
@@ -231,8 +207,8 @@ async def test_only_transcription_events_are_accepted(upstream: LocalUpstream) -
             ("model", "gpt-realtime", "session.model"),
             ("audio", {"output": {"voice": "cedar"}}, "session.audio.output"),
         ]:
-            await _send(ws, "session.update", session={"type": "transcription", field: value})
-            error = (await _recv(ws))["error"]
+            await send_event(ws, "session.update", session={"type": "transcription", field: value})
+            error = (await recv_event(ws))["error"]
             assert (error["code"], error["param"]) == ("unknown_parameter", param)
         # The read-only fields a client echoes back are ignored; the rest applies.
         echoed = created | {"include": ["item.input_audio_transcription.logprobs"]}
@@ -249,18 +225,18 @@ async def test_only_transcription_events_are_accepted(upstream: LocalUpstream) -
             "prefix_padding_ms": 300,
             "silence_duration_ms": 500,
         }
-        await _send(ws, "input_audio_buffer.commit")
-        assert (await _recv(ws))["error"]["code"] == "input_audio_buffer_commit_empty"
-        await _send(ws, "input_audio_buffer.clear")
-        assert (await _recv(ws))["type"] == "input_audio_buffer.cleared"
+        await send_event(ws, "input_audio_buffer.commit")
+        assert (await recv_event(ws))["error"]["code"] == "input_audio_buffer_commit_empty"
+        await send_event(ws, "input_audio_buffer.clear")
+        assert (await recv_event(ws))["type"] == "input_audio_buffer.cleared"
 
 
 async def test_realtime_session_refuses_the_transcription_type(upstream: LocalUpstream) -> None:
     """A session opened with ?model= stays realtime: session.type "transcription" is refused."""
     async with _connect(upstream, "model=gpt-realtime") as ws:
-        await _recv(ws)
-        await _send(ws, "session.update", session={"type": "transcription"})
-        error = (await _recv(ws))["error"]
+        await recv_event(ws)
+        await send_event(ws, "session.update", session={"type": "transcription"})
+        error = (await recv_event(ws))["error"]
     assert (error["code"], error["param"]) == ("invalid_value", "session.type")
 
 
@@ -270,12 +246,12 @@ async def test_commits_are_transcribed_in_order_with_duration_usage(
     """Push-to-talk with whisper-1: two quick commits, transcripts in commit order, seconds."""
     first, second = speech(*HELLO), speech(*MORNING)
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _update(ws, **_transcribe_with("whisper-1", turn_detection=None))
         for audio in (first, second):
-            await _append(ws, audio)
-            await _send(ws, "input_audio_buffer.commit")
-        events = await _until(ws, COMPLETED, count=2)
+            await append_audio(ws, audio)
+            await send_event(ws, "input_audio_buffer.commit")
+        events = await events_until(ws, COMPLETED, count=2)
     committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
     assert [c["previous_item_id"] for c in committed] == [None, committed[0]["item_id"]]
     transcription = [e for e in events if e["type"] in TRANSCRIPTION_EVENTS]
@@ -296,15 +272,15 @@ async def test_every_input_format_is_recognized(
     """audio/pcm, audio/pcmu and audio/pcma input all reach the recognizer as the same words."""
     audio = convert(speech(*HELLO), PCM, fmt)
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         fmt_object = {"type": fmt}
         session = await _update(
             ws, **_transcribe_with("gpt-4o-transcribe", format=fmt_object, turn_detection=None)
         )
         assert session["audio"]["input"]["format"]["type"] == fmt
-        await _send(ws, "input_audio_buffer.append", audio=base64.b64encode(audio).decode())
-        await _send(ws, "input_audio_buffer.commit")
-        completed = (await _until(ws, COMPLETED))[-1]
+        await send_event(ws, "input_audio_buffer.append", audio=base64.b64encode(audio).decode())
+        await send_event(ws, "input_audio_buffer.commit")
+        completed = (await events_until(ws, COMPLETED))[-1]
     assert completed["transcript"] == HELLO[1]
 
 
@@ -314,15 +290,15 @@ async def test_conversation_session_transcribes_before_answering(
     """In a realtime session the user's words are transcribed, then the response starts."""
     voice, text = MORNING
     async with _connect(upstream, "model=gpt-realtime") as ws:
-        await _recv(ws)
+        await recv_event(ws)
         update = {"type": "realtime"} | _transcribe_with("gpt-4o-transcribe")
-        await _send(ws, "session.update", session=update)
-        assert (await _recv(ws))["type"] == "session.updated"
-        await _append(ws, _silence(300) + speech(voice, text) + _silence(1000))
-        events = await _until(ws, "response.done")
+        await send_event(ws, "session.update", session=update)
+        assert (await recv_event(ws))["type"] == "session.updated"
+        await append_audio(ws, _silence(300) + speech(voice, text) + _silence(1000))
+        events = await events_until(ws, "response.done")
         item_id = events[2]["item_id"]
-        await _send(ws, "conversation.item.retrieve", item_id=item_id)
-        item = (await _recv(ws))["item"]
+        await send_event(ws, "conversation.item.retrieve", item_id=item_id)
+        item = (await recv_event(ws))["item"]
     types = [e["type"] for e in events]
     deltas = len(text.split())
     assert types[: 7 + deltas] == [
@@ -346,11 +322,11 @@ async def test_asr_off_gives_the_placeholder(upstream: LocalUpstream, speech: Sp
     upstream.asr = False
     audio = speech(*HELLO)
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _update(ws, **_transcribe_with("gpt-4o-mini-transcribe", turn_detection=None))
-        await _append(ws, audio)
-        await _send(ws, "input_audio_buffer.commit")
-        events = await _until(ws, COMPLETED)
+        await append_audio(ws, audio)
+        await send_event(ws, "input_audio_buffer.commit")
+        events = await events_until(ws, COMPLETED)
     placeholder = f"({len(audio) // BPM / 1000:.2f} s of speech)"
     assert [e.get("delta") for e in events[1:]] == [placeholder, None]
     assert events[-1]["transcript"] == placeholder
@@ -362,13 +338,15 @@ async def test_no_transcription_model_no_transcription(
 ) -> None:
     """Without a transcription model a commit is only committed."""
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _update(ws, audio={"input": {"turn_detection": None}})
-        await _append(ws, speech(*HELLO))
-        await _send(ws, "input_audio_buffer.commit")
-        assert (await _recv(ws))["type"] == "input_audio_buffer.committed"
-        await _send(ws, "input_audio_buffer.clear")  # the next event is the clear's, nothing else
-        assert (await _recv(ws))["type"] == "input_audio_buffer.cleared"
+        await append_audio(ws, speech(*HELLO))
+        await send_event(ws, "input_audio_buffer.commit")
+        assert (await recv_event(ws))["type"] == "input_audio_buffer.committed"
+        await send_event(
+            ws, "input_audio_buffer.clear"
+        )  # the next event is the clear's, nothing else
+        assert (await recv_event(ws))["type"] == "input_audio_buffer.cleared"
 
 
 async def test_recognizer_without_pocketsphinx_falls_back(

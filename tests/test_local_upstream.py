@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from app.local_upstream import LocalUpstream
 from app.local_upstream.arguments import build_arguments
 from app.local_upstream.pcm import PCMU, tone
+from tests.helpers import append_audio, events_until, recv_event, send_event
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(30)]
 
@@ -42,43 +43,17 @@ def _connect(up: LocalUpstream, **headers: str) -> Any:
     return connect(f"{up.url}?model={MODEL}", additional_headers=headers, max_size=None)
 
 
-async def _send(ws: ClientConnection, event_type: str, **fields: Any) -> None:
-    await ws.send(json.dumps({"type": event_type, **fields}))
-
-
-async def _recv(ws: ClientConnection) -> dict[str, Any]:
-    async with asyncio.timeout(TIMEOUT):
-        event: dict[str, Any] = json.loads(await ws.recv())
-    return event
-
-
-async def _until(ws: ClientConnection, event_type: str) -> list[dict[str, Any]]:
-    """Receive events up to and including the first of `event_type`."""
-    events: list[dict[str, Any]] = []
-    while not events or events[-1]["type"] != event_type:
-        events.append(await _recv(ws))
-    return events
-
-
-async def _append(ws: ClientConnection, audio: bytes, chunk_ms: int = 100) -> None:
-    step = chunk_ms * BPM
-    for i in range(0, len(audio), step):
-        await _send(
-            ws, "input_audio_buffer.append", audio=base64.b64encode(audio[i : i + step]).decode()
-        )
-
-
 async def _session_update(ws: ClientConnection, **session: Any) -> dict[str, Any]:
-    await _send(ws, "session.update", session={"type": "realtime", **session})
-    event = await _recv(ws)
+    await send_event(ws, "session.update", session={"type": "realtime", **session})
+    event = await recv_event(ws)
     assert event["type"] == "session.updated", event
     return event
 
 
 async def _user_text(ws: ClientConnection, text: str) -> None:
     item = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
-    await _send(ws, "conversation.item.create", item=item)
-    assert [e["type"] for e in await _until(ws, "conversation.item.done")] == [
+    await send_event(ws, "conversation.item.create", item=item)
+    assert [e["type"] for e in await events_until(ws, "conversation.item.done")] == [
         "conversation.item.added",
         "conversation.item.done",
     ]
@@ -120,7 +95,7 @@ async def test_handshake_forms_and_refusals(upstream: LocalUpstream) -> None:
     """Azure GA accepts api-key, refuses api-version; model is required; refuse_status wins."""
     azure = f"{upstream.azure_url}?model={MODEL}"
     async with asyncio.timeout(TIMEOUT), connect(azure, additional_headers={"api-key": KEY}) as ws:
-        assert (await _recv(ws))["type"] == "session.created"
+        assert (await recv_event(ws))["type"] == "session.created"
     record = upstream.connections[-1]
     assert record.path == "/openai/v1/realtime" and record.headers["api-key"] == KEY
     cases = [
@@ -141,13 +116,13 @@ async def test_handshake_forms_and_refusals(upstream: LocalUpstream) -> None:
     assert json.loads(info.value.response.body)["error"]["code"] == "rate_limit_exceeded"
     upstream.refuse_status = None
     async with asyncio.timeout(TIMEOUT), _connect(upstream) as ws:
-        assert (await _recv(ws))["type"] == "session.created"
+        assert (await recv_event(ws))["type"] == "session.created"
 
 
 async def test_session_created_is_a_full_ga_session(upstream: LocalUpstream) -> None:
     """session.created carries the full GA session with example b's defaults."""
     async with _connect(upstream) as ws:
-        event = await _recv(ws)
+        event = await recv_event(ws)
     assert event["type"] == "session.created" and event["event_id"].startswith("event_")
     session = event["session"]
     assert session["id"].startswith("sess_")
@@ -181,7 +156,7 @@ async def test_session_created_is_a_full_ga_session(upstream: LocalUpstream) -> 
 async def test_session_update_merges_and_refuses_beta_fields(upstream: LocalUpstream) -> None:
     """session.update deep-merges; beta fields and a missing type are refused with errors."""
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         audio = {
             "input": {
                 "transcription": {"model": "gpt-4o-mini-transcribe"},
@@ -209,14 +184,14 @@ async def test_session_update_merges_and_refuses_beta_fields(upstream: LocalUpst
             ("voice", "alloy"),
             ("temperature", 0.8),
         ]:
-            await _send(
+            await send_event(
                 ws, "session.update", event_id="cli_1", session={"type": "realtime", field: value}
             )
-            error = (await _recv(ws))["error"]
+            error = (await recv_event(ws))["error"]
             assert error["code"] == "unknown_parameter" and error["param"] == f"session.{field}"
             assert error["event_id"] == "cli_1"
-        await _send(ws, "session.update", event_id="cli_2", session={"instructions": "x"})
-        error = (await _recv(ws))["error"]
+        await send_event(ws, "session.update", event_id="cli_2", session={"instructions": "x"})
+        error = (await recv_event(ws))["error"]
         assert (error["code"], error["param"]) == ("missing_required_parameter", "session.type")
 
         session = (await _session_update(ws, audio={"input": {"turn_detection": None}}))["session"]
@@ -229,9 +204,9 @@ async def test_vad_turn_echoes_the_speech(upstream: LocalUpstream) -> None:
     speech = tone(300, 1000, dbfs=-12)
     signal = bytes(1000 * BPM) + speech + bytes(1000 * BPM)
     async with _connect(upstream) as ws:
-        await _recv(ws)
-        await _append(ws, signal)
-        events = await _until(ws, "response.done")
+        await recv_event(ws)
+        await append_audio(ws, signal)
+        events = await events_until(ws, "response.done")
     types = [e["type"] for e in events]
     assert types[:10] == [
         "input_audio_buffer.speech_started",
@@ -291,17 +266,17 @@ async def test_transcription_and_cached_tokens(upstream: LocalUpstream) -> None:
     """With transcription on, the user item is transcribed; a second turn reports cached tokens."""
     signal = bytes(200 * BPM) + tone(300, 500) + bytes(400 * BPM)
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _session_update(ws, audio={"input": {"transcription": {"model": "whisper-1"}}})
-        await _append(ws, signal)
-        first = await _until(ws, "response.done")
+        await append_audio(ws, signal)
+        first = await events_until(ws, "response.done")
         completed = next(
             e for e in first if e["type"] == "conversation.item.input_audio_transcription.completed"
         )
         assert completed["transcript"]  # whatever the recognizer makes of a tone
         assert completed["usage"] == {"type": "duration", "seconds": 0.9}  # whisper-1: seconds
-        await _append(ws, signal)
-        second = (await _until(ws, "response.done"))[-1]["response"]["usage"]
+        await append_audio(ws, signal)
+        second = (await events_until(ws, "response.done"))[-1]["response"]["usage"]
     _assert_usage(second)
     first_usage = first[-1]["response"]["usage"]
     assert second["input_token_details"]["cached_tokens"] == first_usage["input_tokens"]
@@ -311,24 +286,24 @@ async def test_manual_commit_then_response_create(upstream: LocalUpstream) -> No
     """Push-to-talk: a short commit is refused, a long one commits without a response."""
     audio = tone(300, 300)
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _session_update(ws, audio={"input": {"turn_detection": None}})
-        await _append(ws, audio[: 50 * BPM])
-        await _send(ws, "input_audio_buffer.commit", event_id="cli_c1")
-        error = (await _recv(ws))["error"]
+        await append_audio(ws, audio[: 50 * BPM])
+        await send_event(ws, "input_audio_buffer.commit", event_id="cli_c1")
+        error = (await recv_event(ws))["error"]
         assert error["code"] == "input_audio_buffer_commit_empty" and error["event_id"] == "cli_c1"
-        await _append(ws, audio[50 * BPM :])
-        await _send(ws, "input_audio_buffer.commit")
-        events = [await _recv(ws) for _ in range(3)]
+        await append_audio(ws, audio[50 * BPM :])
+        await send_event(ws, "input_audio_buffer.commit")
+        events = [await recv_event(ws) for _ in range(3)]
         assert [e["type"] for e in events] == [
             "input_audio_buffer.committed",
             "conversation.item.added",
             "conversation.item.done",
         ]
-        await _send(ws, "input_audio_buffer.clear")
-        assert (await _recv(ws))["type"] == "input_audio_buffer.cleared"
-        await _send(ws, "response.create")
-        response = await _until(ws, "response.done")
+        await send_event(ws, "input_audio_buffer.clear")
+        assert (await recv_event(ws))["type"] == "input_audio_buffer.cleared"
+        await send_event(ws, "response.create")
+        response = await events_until(ws, "response.done")
     assert response[0]["type"] == "response.created"
     assert response[0]["response"]["usage"] is None
     assert _audio_of(response) == audio
@@ -339,23 +314,23 @@ async def test_cancel_and_single_active_response(upstream: LocalUpstream) -> Non
     """A second response.create is refused; cancel ends the response; a second cancel errors."""
     upstream.realtime_pacing = True  # keep the response streaming while the test acts
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _user_text(ws, "Tell me a very long story about a lighthouse keeper, please.")
-        await _send(ws, "response.create")
-        created = (await _until(ws, "response.created"))[-1]["response"]
-        await _send(ws, "response.create", event_id="cli_r2")
-        error = (await _until(ws, "error"))[-1]["error"]
+        await send_event(ws, "response.create")
+        created = (await events_until(ws, "response.created"))[-1]["response"]
+        await send_event(ws, "response.create", event_id="cli_r2")
+        error = (await events_until(ws, "error"))[-1]["error"]
         assert error["code"] == "conversation_already_has_active_response"
         assert created["id"] in error["message"] and error["event_id"] == "cli_r2"
-        await _send(ws, "response.cancel")
-        events = await _until(ws, "response.done")
+        await send_event(ws, "response.cancel")
+        events = await events_until(ws, "response.done")
         done = events[-1]["response"]
         assert done["status"] == "cancelled"
         assert done["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
         assert done["output"][0]["status"] == "incomplete"
         _assert_usage(done["usage"])
-        await _send(ws, "response.cancel", event_id="cli_c2")
-        error = (await _recv(ws))["error"]
+        await send_event(ws, "response.cancel", event_id="cli_c2")
+        error = (await recv_event(ws))["error"]
     assert error["code"] == "response_cancel_not_active" and error["event_id"] == "cli_c2"
 
 
@@ -363,12 +338,12 @@ async def test_speech_interrupts_the_response(upstream: LocalUpstream) -> None:
     """Speech during a response cancels it with reason turn_detected."""
     upstream.realtime_pacing = True
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _user_text(ws, "Talk for a while about the sea and the ships on it, at length.")
-        await _send(ws, "response.create")
-        await _until(ws, "response.output_audio.delta")
-        await _append(ws, bytes(100 * BPM) + tone(300, 300))
-        events = await _until(ws, "response.done")
+        await send_event(ws, "response.create")
+        await events_until(ws, "response.output_audio.delta")
+        await append_audio(ws, bytes(100 * BPM) + tone(300, 300))
+        events = await events_until(ws, "response.done")
     types = [e["type"] for e in events]
     assert types.index("input_audio_buffer.speech_started") < types.index("response.done")
     done = events[-1]["response"]
@@ -378,27 +353,27 @@ async def test_speech_interrupts_the_response(upstream: LocalUpstream) -> None:
 async def test_truncate_assistant_audio(upstream: LocalUpstream) -> None:
     """Truncation needs an assistant audio item and an audio_end_ms within its length."""
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _user_text(ws, "Hello there")
         user_id = upstream.connections[0].sent[-1]["item"]["id"]
-        await _send(ws, "response.create")
-        events = await _until(ws, "response.done")
+        await send_event(ws, "response.create")
+        events = await events_until(ws, "response.done")
         item_id = events[-1]["response"]["output"][0]["id"]
         audio_ms = len(_audio_of(events)) // BPM
         for target, end_ms in [(item_id, audio_ms + 1), (item_id, 1.5), (user_id, 0), ("nope", 0)]:
-            await _send(
+            await send_event(
                 ws,
                 "conversation.item.truncate",
                 item_id=target,
                 content_index=0,
                 audio_end_ms=end_ms,
             )
-            error = (await _recv(ws))["error"]
+            error = (await recv_event(ws))["error"]
             assert error["code"] == "invalid_value", error
-        await _send(
+        await send_event(
             ws, "conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=200
         )
-        truncated = await _recv(ws)
+        truncated = await recv_event(ws)
         assert truncated == {
             "type": "conversation.item.truncated",
             "event_id": truncated["event_id"],
@@ -406,8 +381,8 @@ async def test_truncate_assistant_audio(upstream: LocalUpstream) -> None:
             "content_index": 0,
             "audio_end_ms": 200,
         }
-        await _send(ws, "conversation.item.retrieve", item_id=item_id)
-        item = (await _recv(ws))["item"]
+        await send_event(ws, "conversation.item.retrieve", item_id=item_id)
+        item = (await recv_event(ws))["item"]
     assert len(base64.b64decode(item["content"][0]["audio"])) == 200 * BPM
 
 
@@ -415,11 +390,11 @@ async def test_function_call_round_trip(upstream: LocalUpstream) -> None:
     """A tool named in the user's text is called; its output is spoken in the next response."""
     tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _session_update(ws, tools=[tool])
         await _user_text(ws, "Please use get_weather for Paris.")
-        await _send(ws, "response.create")
-        events = await _until(ws, "response.done")
+        await send_event(ws, "response.create")
+        events = await events_until(ws, "response.done")
         assert [e["type"] for e in events] == [
             "response.created",
             "rate_limits.updated",
@@ -436,11 +411,11 @@ async def test_function_call_round_trip(upstream: LocalUpstream) -> None:
         assert call["call_id"].startswith("call_") and call["arguments"] == "{}"
         assert events[5]["arguments"] == "{}" and events[5]["call_id"] == call["call_id"]
         output = {"type": "function_call_output", "call_id": call["call_id"], "output": "18 C"}
-        await _send(ws, "conversation.item.create", item=output)
-        added = (await _until(ws, "conversation.item.done"))[0]
+        await send_event(ws, "conversation.item.create", item=output)
+        added = (await events_until(ws, "conversation.item.done"))[0]
         assert added["previous_item_id"] == call["id"]
-        await _send(ws, "response.create")
-        answer = (await _until(ws, "response.done"))[-1]["response"]
+        await send_event(ws, "response.create")
+        answer = (await events_until(ws, "response.done"))[-1]["response"]
     assert answer["output"][0]["content"][0]["transcript"] == "The tool returned: 18 C"
 
 
@@ -552,13 +527,13 @@ async def test_tool_call_arguments_fit_the_schema_on_the_wire(upstream: LocalUps
     """Over a socket, the call's streamed arguments fit the tool's schema; its output comes back."""
     tool = {"type": "function", "name": "get_weather", "parameters": WEATHER}
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _session_update(ws, tools=[tool], output_modalities=["text"])
         await _user_text(
             ws, "What's the weather in Paris for 3 days in fahrenheit? Use get_weather."
         )
-        await _send(ws, "response.create")
-        events = await _until(ws, "response.done")
+        await send_event(ws, "response.create")
+        events = await events_until(ws, "response.done")
         deltas = [e for e in events if e["type"] == "response.function_call_arguments.delta"]
         done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
         item = next(e for e in events if e["type"] == "response.output_item.done")["item"]
@@ -573,26 +548,26 @@ async def test_tool_call_arguments_fit_the_schema_on_the_wire(upstream: LocalUps
         # Forced by a response's tool_choice, with words that do not name the tool.
         await _user_text(ws, "And in Tokyo?")
         choice = {"type": "function", "name": "get_weather"}
-        await _send(ws, "response.create", response={"tool_choice": choice})
-        forced = (await _until(ws, "response.done"))[-1]["response"]["output"][0]
+        await send_event(ws, "response.create", response={"tool_choice": choice})
+        forced = (await events_until(ws, "response.done"))[-1]["response"]["output"][0]
         assert json.loads(forced["arguments"]) == {"city": "Tokyo", "unit": "celsius", "days": 1}
 
         output = {"type": "function_call_output", "call_id": call["call_id"], "output": "21 F"}
-        await _send(ws, "conversation.item.create", item=output)
-        await _until(ws, "conversation.item.done")
-        await _send(ws, "response.create")
-        answer = (await _until(ws, "response.done"))[-1]["response"]
+        await send_event(ws, "conversation.item.create", item=output)
+        await events_until(ws, "conversation.item.done")
+        await send_event(ws, "response.create")
+        answer = (await events_until(ws, "response.done"))[-1]["response"]
     assert "21 F" in answer["output"][0]["content"][0]["text"]
 
 
 async def test_out_of_band_text_response(upstream: LocalUpstream) -> None:
     """conversation "none" with text output: no conversation events, conversation_id null."""
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _user_text(ws, "Summarise this.")
         overrides = {"conversation": "none", "output_modalities": ["text"], "metadata": {"k": "v"}}
-        await _send(ws, "response.create", response=overrides)
-        events = await _until(ws, "response.done")
+        await send_event(ws, "response.create", response=overrides)
+        events = await events_until(ws, "response.done")
     types = [e["type"] for e in events]
     assert "conversation.item.added" not in types and "response.output_audio.delta" not in types
     text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
@@ -607,41 +582,41 @@ async def test_g711_audio_is_recorded_and_echoed_as_is(upstream: LocalUpstream) 
     audio = tone(300, 400, fmt=PCMU)
     fmt = {"format": {"type": "audio/pcmu"}}
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _session_update(ws, audio={"input": fmt | {"turn_detection": None}, "output": fmt})
-        await _send(ws, "input_audio_buffer.append", audio=base64.b64encode(audio).decode())
-        await _send(ws, "input_audio_buffer.commit")
-        await _until(ws, "conversation.item.done")
-        await _send(ws, "response.create")
-        events = await _until(ws, "response.done")
+        await send_event(ws, "input_audio_buffer.append", audio=base64.b64encode(audio).decode())
+        await send_event(ws, "input_audio_buffer.commit")
+        await events_until(ws, "conversation.item.done")
+        await send_event(ws, "response.create")
+        events = await events_until(ws, "response.done")
     assert _audio_of(events) == audio and upstream.connections[0].input_audio == audio
 
 
 async def test_invalid_events_get_errors(upstream: LocalUpstream) -> None:
     """Unknown types, bad JSON, bad base64 and binary frames get error events; the socket lives."""
     async with _connect(upstream) as ws:
-        await _recv(ws)
-        await _send(ws, "bogus.event", event_id="cli_x")
-        error = (await _recv(ws))["error"]
+        await recv_event(ws)
+        await send_event(ws, "bogus.event", event_id="cli_x")
+        error = (await recv_event(ws))["error"]
         assert error["code"] == "invalid_event" and "bogus.event" in error["message"]
         assert error["event_id"] == "cli_x"
         await ws.send("{not json")
-        assert (await _recv(ws))["error"]["code"] == "invalid_event"
-        await _send(ws, "input_audio_buffer.append", audio="!!!")
-        assert (await _recv(ws))["error"]["code"] == "invalid_value"
+        assert (await recv_event(ws))["error"]["code"] == "invalid_event"
+        await send_event(ws, "input_audio_buffer.append", audio="!!!")
+        assert (await recv_event(ws))["error"]["code"] == "invalid_value"
         await ws.send(b"\x00\x01")
-        assert (await _recv(ws))["error"]["code"] == "invalid_event"
-        await _send(ws, "response.cancel")
-        assert (await _recv(ws))["error"]["code"] == "response_cancel_not_active"
+        assert (await recv_event(ws))["error"]["code"] == "invalid_event"
+        await send_event(ws, "response.cancel")
+        assert (await recv_event(ws))["error"]["code"] == "response_cancel_not_active"
 
 
 async def test_beta_header_is_refused_after_accept(upstream: LocalUpstream) -> None:
     """An OpenAI-Beta header gets beta_api_shape_disabled and a 1008 close."""
     async with _connect(upstream, **{"OpenAI-Beta": "realtime=v1"}) as ws:
-        error = (await _recv(ws))["error"]
+        error = (await recv_event(ws))["error"]
         assert error["code"] == "beta_api_shape_disabled"
         with pytest.raises(ConnectionClosed) as info:
-            await _recv(ws)
+            await recv_event(ws)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1008
 
 
@@ -649,28 +624,28 @@ async def test_session_created_knobs(upstream: LocalUpstream) -> None:
     """send_session_created=False skips the greeting; the delay knob postpones it."""
     upstream.send_session_created = False
     async with _connect(upstream) as ws:
-        await _send(ws, "input_audio_buffer.clear")
-        assert (await _recv(ws))["type"] == "input_audio_buffer.cleared"
+        await send_event(ws, "input_audio_buffer.clear")
+        assert (await recv_event(ws))["type"] == "input_audio_buffer.cleared"
     upstream.send_session_created = True
     upstream.session_created_delay = 0.3
     async with _connect(upstream) as ws:
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.1):
                 await ws.recv()
-        assert (await _recv(ws))["type"] == "session.created"
+        assert (await recv_event(ws))["type"] == "session.created"
 
 
 async def test_drop_after_audio_deltas_aborts_the_connection(upstream: LocalUpstream) -> None:
     """The drop knob cuts TCP after N audio deltas: no close frame reaches the client."""
     upstream.drop_after_audio_deltas = 2
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _user_text(ws, "Say something long enough for several audio deltas to be sent.")
-        await _send(ws, "response.create")
+        await send_event(ws, "response.create")
         received: list[dict[str, Any]] = []
         with pytest.raises(ConnectionClosed) as info:
             while True:
-                received.append(await _recv(ws))
+                received.append(await recv_event(ws))
     assert info.value.rcvd is None  # abnormal closure, 1006
     assert sum(e["type"] == "response.output_audio.delta" for e in received) == 2
     record = upstream.connections[0]
@@ -682,10 +657,10 @@ async def test_client_close_mid_response_stops_the_task(upstream: LocalUpstream)
     """Closing during a paced response cancels its task: nothing is left running."""
     upstream.realtime_pacing = True
     async with _connect(upstream) as ws:
-        await _recv(ws)
+        await recv_event(ws)
         await _user_text(ws, "Keep talking for a long, long time about anything at all.")
-        await _send(ws, "response.create")
-        await _until(ws, "response.output_audio.delta")
+        await send_event(ws, "response.create")
+        await events_until(ws, "response.output_audio.delta")
     record = upstream.connections[0]
     await asyncio.wait_for(record.closed.wait(), TIMEOUT)
     assert record.close_code == 1000

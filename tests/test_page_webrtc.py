@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,7 +34,9 @@ from tests.helpers import (
     SERVER_INSTRUCTIONS,
     START_TIMEOUT,
     eventually,
+    loopback_socket,
     relay_settings,
+    start_server,
 )
 from tests.test_page import (
     ARTIFACTS,
@@ -186,18 +187,10 @@ async def use_key(page: Page, key: str) -> None:
 
 
 async def serve(app: Starlette) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
+    sock = loopback_socket()
     config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    async with asyncio.timeout(START_TIMEOUT):
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
-    return server, task, f"http://127.0.0.1:{port}"
+    server, task = await start_server(config, sock)
+    return server, task, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -30,9 +30,9 @@ class LocalUpstreamConfig:
             transcription. False sends the placeholder "(1.23 s of speech)" and never loads the
             recognizer: for benchmarks with hundreds of sessions.
         ice_addresses: The addresses a WebRTC call's ICE host candidates are on (loopback by
-            default: this workplace allows loopback traffic only); `None` lets aioice use every
-            interface but loopback. It applies to every aiortc peer in the process, a test's
-            caller too (`internals.use_ice_addresses`).
+            default, for tests on one machine); `None`, or the entry "auto", lets aioice use
+            every interface but loopback (the demo uses both). It applies to every aiortc peer
+            in the process, a test's caller too (`internals.use_ice_addresses`).
 
     `refuse_status` refuses `POST /v1/realtime/calls` too; `session_created_delay` and
     `send_session_created` apply to WebSocket sessions only.

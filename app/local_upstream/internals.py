@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 TESTED_WEBSOCKETS: Final = frozenset({"14.1", "15.0.1", "17.4"})
 TESTED_AIOICE: Final = frozenset({"0.13.0"})
+AUTO: Final = "auto"  # in ICE addresses: aioice's own choice of interfaces
 LINGER_S: Final = 2.0  # after a response, how long to drop what the client still sends
 
 HttpApp = Callable[[HttpRequest], Awaitable[HttpResponse]]
@@ -168,12 +169,18 @@ _addresses: list[str] | None = None
 def _host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
     if _addresses is None:
         return _stock_host_addresses(use_ipv4, use_ipv6)
-    return [a for a in _addresses if (use_ipv6 if ":" in a else use_ipv4)]
+    found: list[str] = []
+    for address in _addresses:  # "auto": aioice's own choice, every interface but loopback
+        if address == AUTO:
+            found += _stock_host_addresses(use_ipv4, use_ipv6)
+        elif use_ipv6 if ":" in address else use_ipv4:
+            found.append(address)
+    return list(dict.fromkeys(found))
 
 
 def use_ice_addresses(addresses: list[str] | None) -> None:
-    """Gather ICE host candidates on `addresses` from now on, in the whole process (`None`:
-    aioice's own choice). The last call wins."""
+    """Gather ICE host candidates on `addresses` from now on, in the whole process (`None`, or
+    the entry `"auto"`: aioice's own choice). The last call wins."""
     global _addresses
     if addresses is None:
         _addresses = None  # the replacement, if in place, defers to aioice's own again
