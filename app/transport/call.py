@@ -175,6 +175,9 @@ async def open_call(
     except RelayError:  # the session part: not an object, or locked fields in `refuse` mode
         await _release(relay, call)
         raise
+    except BaseException:  # cancelled (a shutdown), or a bug: the slot is not kept
+        await _release(relay, call)
+        raise
     try:
         await call.start(call_id, session)
     except BaseException:
