@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -263,3 +264,30 @@ async def test_a_drain_hangs_up_the_calls(relay_factory, upstream):
         await late.close()
     labels = {**WEBRTC, "outcome": "shutdown"}
     assert metric(relay, "realtime_relay_sessions_total", **labels) == 1
+
+
+async def test_a_bad_form_is_refused_before_anything_opens(relay_factory, upstream, tool_server):
+    """A malformed form, a form with no length, and client tools named like a server tool get
+    OpenAI-shaped 4xx errors; nothing opens upstream."""
+    tier = {"default": {"client_may_set": ["tools"]}}
+    settings = settings_for(upstream, tools=[http_tool(tool_server)], tiers=tier)
+    relay = await relay_factory(settings)
+    key = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    forged = {"type": "realtime", "tools": [{"type": "function", "name": "get_time"}]}
+    files = {
+        "sdp": (None, "v=0\r\n", "application/sdp"),
+        "session": (None, json.dumps(forged), "application/json"),
+    }
+    broken = {**key, "Content-Type": "multipart/form-data"}  # no boundary
+
+    async def chunked() -> Any:
+        yield b"--x\r\n"
+
+    async with httpx.AsyncClient(base_url=relay.http_url) as http:
+        named = await http.post("/v1/realtime/calls", files=files, headers=key)
+        malformed = await http.post("/v1/realtime/calls", content=b"x", headers=broken)
+        unbounded = await http.post("/v1/realtime/calls", content=chunked(), headers=broken)
+    assert (named.status_code, named.json()["error"]["param"]) == (400, "session.tools")
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_request"
+    assert unbounded.status_code == 411
+    assert upstream.calls == []

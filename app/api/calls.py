@@ -22,6 +22,8 @@ from typing import Any, Final
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from app.api.responses import NO_STORE, error_response, status_for
 from app.auth.credentials import credential_from
@@ -58,7 +60,12 @@ async def _offer(request: Request) -> tuple[bytes, dict[str, Any] | None] | Resp
         return bytes(body), None
     if kind != "multipart/form-data":
         return _invalid("send the offer as application/sdp or multipart/form-data", status=415)
-    form = await request.form(max_files=2, max_fields=4, max_part_size=MAX_BODY_BYTES)
+    if length is None:  # the form parser spools file parts: the whole body must be bounded
+        return _invalid("a multipart offer needs a Content-Length", status=411)
+    try:
+        form = await request.form(max_files=2, max_fields=4, max_part_size=MAX_BODY_BYTES)
+    except (HTTPException, MultiPartException):
+        return _invalid("the body is not a valid multipart/form-data form")
     parts: dict[str, bytes] = {}
     for name in ("sdp", "session"):
         value = form.get(name)
@@ -66,13 +73,15 @@ async def _offer(request: Request) -> tuple[bytes, dict[str, Any] | None] | Resp
             parts[name] = await value.read(MAX_BODY_BYTES + 1)
         elif isinstance(value, str):
             parts[name] = value.encode()
+        if len(parts.get(name, b"")) > MAX_BODY_BYTES:
+            return _invalid(f"the {name!r} part is larger than {MAX_BODY_BYTES} bytes", status=413)
     if "sdp" not in parts:
         return _invalid("the form has no 'sdp' part", param="sdp")
     if "session" not in parts:
         return parts["sdp"], None
     try:
         session = json.loads(parts["session"])
-    except ValueError:
+    except (ValueError, RecursionError):
         return _invalid("the 'session' part is not JSON", param="session")
     if not isinstance(session, dict):
         return _invalid("the 'session' part must be a JSON object", param="session")
@@ -116,19 +125,25 @@ def calls_router(relay: Relay) -> APIRouter:
     @router.post(CALLS_PATH)
     async def create_call(request: Request) -> Response:
         cors = _cors(request, relay)
+        try:  # who it is, before its body is read (`open_call` admits it in full)
+            relay.identify(request.headers.raw)
+        except RelayError as exc:
+            return error_response(status_for(exc), exc, headers=cors)
         read = await _offer(request)
+        if not isinstance(read, Response) and not read[0].lstrip().startswith(b"v=0"):
+            read = _invalid("the offer is not an SDP session description", param="sdp")
         if isinstance(read, Response):
             read.headers.update(cors)
             return read
         offer, requested = read
-        if not offer.lstrip().startswith(b"v=0"):
-            return _invalid("the offer is not an SDP session description", param="sdp")
         try:
             call, answer = await open_call(
                 relay, request.headers.raw, offer, requested, request.query_params.get("model")
             )
         except RelayError as exc:
             return error_response(status_for(exc), exc, headers=cors)
+        if await request.is_disconnected():  # nobody will read the answer: end the call
+            call.hang_up()
         location = f"{CALLS_PATH}/{call.call_id}"
         headers = {**NO_STORE, **cors, "Location": location}
         return Response(answer, status_code=201, media_type="application/sdp", headers=headers)

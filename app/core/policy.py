@@ -464,7 +464,17 @@ class SessionPolicy:
             raise InvalidEventError("the session must be a JSON object", param="session")
         event = {"session": {key: value for key, value in requested.items() if key != "model"}}
         ignored = self._check_session_update(event) or []
-        return _merged(self.session, event["session"]), ignored
+        changes = event["session"]
+        tools = changes.get("tools")
+        if isinstance(tools, list):  # the client's tools beside the server's, never in their place
+            for tool in tools:
+                name = tool.get("name") if isinstance(tool, dict) else None
+                if isinstance(name, str) and name in self.server_tool_names:
+                    raise InvalidEventError(
+                        f"the tool name {name[:64]!r} is the server's", param="session.tools"
+                    )
+            changes = {**changes, "tools": [*tools, *self.server_tools]}
+        return _merged(self.session, changes), ignored
 
     # -- client -> upstream -------------------------------------------------------------------
 

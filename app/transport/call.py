@@ -39,8 +39,6 @@ from app.transport.legs import UpstreamLeg
 from app.transport.relay import REFUSALS, Headers, Relay, ServedSession
 from app.transport.sideband import Sideband
 
-# Outcomes after which the upstream has ended the call itself: no hang-up is sent.
-_ENDED_UPSTREAM: Final = frozenset({Outcome.COMPLETED})
 _NO_AUDIO: Final = (48_000, 48_000)  # the meter's audio rates: a call's audio is never the relay's
 
 
@@ -114,22 +112,26 @@ class CallSession(ServedSession):
             await driver.settle(timeout)
             await self._spent()
             outcome = ending.outcome if ending is not None else Outcome.ERROR
-            if outcome not in _ENDED_UPSTREAM:
-                await relay.upstream.hang_up(self.call_id)
-            await sideband.close(CloseCode.NORMAL, timeout)
-            relay.metrics.upstream_closed(sideband.close_code)
-            meter.close(outcome)
-            if self.lease is not None:
-                await relay.limiter.release(self.lease)
-            relay.calls.pop(self.call_id, None)
-            relay.release(self)
+            try:
+                await relay.upstream.hang_up(self.call_id)  # idempotent: an ended call is a 404
+                await sideband.close(CloseCode.NORMAL, timeout)
+                relay.metrics.upstream_closed(sideband.close_code)
+            finally:
+                meter.close(outcome)
+                if self.lease is not None:
+                    await relay.limiter.release(self.lease)
+                relay.calls.pop(self.call_id, None)
+                relay.release(self)
             reason = f" ({ending.error.code})" if ending and ending.error else ""
             self.log.info("call %s ended: outcome=%s%s", self.call_id, outcome, reason)
 
     def hang_up(self) -> None:
         """The caller asked (`POST /v1/realtime/calls/{id}/hangup`): end the call."""
         if self.driver is not None:
-            self.driver.core.client_closed()
+            try:
+                self.driver.core.client_closed()
+            except Exception as exc:  # the sideband is closing, or a bug: `_run` says which
+                self.driver.failed(exc)
 
 
 async def open_call(

@@ -186,6 +186,12 @@ class Upstream:
                 is logged, not shown: it may describe the server's session).
             UpstreamError: unreachable, timed out, or an answer the relay cannot use.
         """
+        upstream = self._fallback.upstream
+        if upstream.kind is UpstreamKind.AZURE and isinstance(session.get("model"), str):
+            session = {
+                **session,
+                "model": upstream.deployments.get(session["model"], session["model"]),
+            }
         described = json.dumps(session, separators=(",", ":")).encode()
         files: dict[str, tuple[str | None, bytes, str]] = {
             "sdp": (None, offer, "application/sdp"),
@@ -211,7 +217,7 @@ class Upstream:
         url = f"{self._calls}/{call_id}/hangup"
         try:
             response = await self._client().post(url, headers=self._headers())
-        except httpx2.HTTPError as exc:
+        except Exception as exc:  # unreachable, or the client closed at shutdown
             logger.warning("hang-up of %s failed: %s", call_id, type(exc).__name__)
             return False
         if response.status_code >= 300:
