@@ -236,7 +236,7 @@ export class Session {
 
   press() {
     if (!this.live || this.mode !== "ptt" || this.talking) return;
-    this.interrupt(true); // not awaited: its truncate keeps its place in the send order
+    this.beforeTalk();
     this.send({ type: "input_audio_buffer.clear" });
     this.talking = true;
     this.talkMs = 0;
@@ -253,6 +253,14 @@ export class Session {
       return;
     }
     this.send({ type: "input_audio_buffer.commit" });
+    this.afterCommit();
+  }
+
+  beforeTalk() {
+    this.interrupt(true); // not awaited: its truncate keeps its place in the send order
+  }
+
+  afterCommit() {
     this.requestResponse();
     this.turnEnd = performance.now();
     this.ui.state("thinking");
@@ -583,25 +591,10 @@ export class Captions extends Session {
 
   setVoice() {}
 
-  press() {
-    if (!this.live || this.mode !== "ptt" || this.talking) return;
-    this.send({ type: "input_audio_buffer.clear" });
-    this.talking = true;
-    this.talkMs = 0;
-    this.ui.state("user");
-  }
+  beforeTalk() {} // nothing is being said to interrupt
 
-  release() {
-    if (!this.talking) return;
-    this.talking = false;
-    if (this.talkMs < MIN_PTT_MS) {
-      this.send({ type: "input_audio_buffer.clear" });
-      this.ui.error(describe("input_audio_buffer_commit_empty"));
-      this.ui.state("listening");
-      return;
-    }
-    this.send({ type: "input_audio_buffer.commit" }); // no response.create: nothing answers
-    this.ui.state("transcribing");
+  afterCommit() {
+    this.ui.state("transcribing"); // no response.create: nothing answers
   }
 
   /** Back to "listening" once nobody is talking (a transcript may arrive mid-way the next turn). */
